@@ -1,0 +1,265 @@
+"""A bootstrapped ensemble of probabilistic dynamics models (PETS/MBPO/MOPO style).
+
+Each member maps a normalised (s, a) to a diagonal Gaussian over (s' - s, r). Run as a
+script, it trains an ensemble on an offline dataset and saves it, so that sweeps over eta
+can share one model:
+
+    python dynamics.py --env hopper-medium-v2 --dataset FILE.hdf5
+    python drop.py --env hopper-medium-v2 --dynamics-path runs/NAME/dynamics.pt
+"""
+
+import copy
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nets import EnsembleMLP
+
+
+# Termination functions on predicted next observations, equal to the Gymnasium envs' own
+# `terminated` (Hopper/Walker2d-v4 `is_healthy`; strict inequalities, so NaN terminates too).
+# MOPO's copied hopper check reads `np.abs(next_obs[:, 1:] < 100)`, a misplaced parenthesis
+# that drops the lower bound; here the bound is |x| < 100 as in the env.
+def hopper_terminated(next_obs: torch.Tensor) -> torch.Tensor:
+    z, angle, state = next_obs[:, 0], next_obs[:, 1], next_obs[:, 1:]
+    healthy = (state.abs() < 100).all(-1) & (z > 0.7) & (angle.abs() < 0.2)
+    return ~healthy
+
+
+def walker2d_terminated(next_obs: torch.Tensor) -> torch.Tensor:
+    z, angle = next_obs[:, 0], next_obs[:, 1]
+    healthy = (z > 0.8) & (z < 2.0) & (angle > -1.0) & (angle < 1.0)
+    return ~healthy
+
+
+def halfcheetah_terminated(next_obs: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(next_obs.shape[0], dtype=torch.bool, device=next_obs.device)
+
+
+TERMINATION_FNS = {"hopper": hopper_terminated, "walker2d": walker2d_terminated, "halfcheetah": halfcheetah_terminated}
+
+
+@dataclass
+class DynamicsConfig:
+    """Ensemble architecture and training (the MBPO/MOPO defaults)."""
+
+    num_members: int = 7
+    """ensemble members, each trained on its own bootstrap sample"""
+    num_elites: int = 5
+    """members with the lowest holdout MSE, used for rollouts"""
+    hidden: int = 200
+    """width of each of the 4 swish hidden layers"""
+    lr: float = 1e-3
+    """Adam learning rate"""
+    batch_size: int = 256
+    """transitions per member per gradient step"""
+    weight_decays: tuple[float, ...] = (2.5e-5, 5e-5, 7.5e-5, 7.5e-5, 1e-4)
+    """L2 coefficients of the 4 hidden layers and the output layer (as in MBPO)"""
+    logvar_bound_coef: float = 0.01
+    """weight of the penalty on the learned max/min log-variance bounds"""
+    holdout_ratio: float = 0.2
+    """fraction of transitions held out for early stopping (capped by --holdout-max)"""
+    holdout_max: int = 1000
+    """at most this many holdout transitions"""
+    patience: int = 5
+    """stop after this many epochs in which no member improved its holdout MSE by more than 1%"""
+    max_epochs: int | None = None
+    """hard cap on training epochs (None: early stopping alone decides)"""
+
+
+class MemberGroups:
+    """Lays a flat batch out as `[G, M, ...]`, row g holding the samples assigned to member g.
+
+    With this layout a batched ensemble runs each sample through its own member only; rows are
+    zero-padded to the largest group, which costs about 1% for a uniform assignment.
+    """
+
+    def __init__(self, member: torch.Tensor, num_groups: int):
+        counts = torch.bincount(member, minlength=num_groups)
+        order = torch.argsort(member, stable=True)
+        group_start = counts.cumsum(0) - counts
+        self.member, self.num_groups = member, num_groups
+        self.slot = torch.empty_like(member)
+        self.slot[order] = torch.arange(len(member), device=member.device) - group_start[member[order]]
+        self.width = int(counts.max())  # one host sync per call
+
+    def scatter(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.new_zeros(self.num_groups, self.width, *x.shape[1:])
+        out[self.member, self.slot] = x
+        return out
+
+    def gather(self, y: torch.Tensor) -> torch.Tensor:
+        return y[self.member, self.slot]
+
+
+class ProbabilisticEnsemble(nn.Module):
+    def __init__(self, obs_dim: int, act_dim: int, config: DynamicsConfig):
+        super().__init__()
+        self.obs_dim, self.act_dim, self.config = obs_dim, act_dim, config
+        out_dim = obs_dim + 1  # delta-state and reward
+        self.net = EnsembleMLP(config.num_members, obs_dim + act_dim, 2 * out_dim, [config.hidden] * 4, nn.SiLU)
+        # Per-member soft bounds on the log-variance, learned (PETS); initial values as in MBPO.
+        self.max_logvar = nn.Parameter(torch.full((config.num_members, 1, out_dim), 0.5))
+        self.min_logvar = nn.Parameter(torch.full((config.num_members, 1, out_dim), -10.0))
+        self.register_buffer("input_mean", torch.zeros(obs_dim + act_dim))
+        self.register_buffer("input_std", torch.ones(obs_dim + act_dim))
+        self.register_buffer("elites", torch.arange(config.num_elites))
+
+    def forward(self, obs, act, members: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and log-variance of (s' - s, r). Inputs `[B, .]` go to every member; `[E', B, .]` pairs up with `members`."""
+        x = (torch.cat([obs, act], -1) - self.input_mean) / self.input_std
+        num = self.config.num_members if members is None else len(members)
+        if x.dim() == 2:
+            x = x.expand(num, -1, -1)
+        mean, logvar = self.net(x, members).chunk(2, -1)
+        max_logvar, min_logvar = self.max_logvar, self.min_logvar
+        if members is not None:
+            max_logvar, min_logvar = max_logvar[members], min_logvar[members]
+        logvar = max_logvar - F.softplus(max_logvar - logvar)
+        logvar = min_logvar + F.softplus(logvar - min_logvar)
+        return mean, logvar
+
+    def sample_step(self, obs: torch.Tensor, act: torch.Tensor, groups: MemberGroups) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample (s', r) for each transition from the elite `groups` assigned to it."""
+        mean, logvar = self(groups.scatter(obs), groups.scatter(act), self.elites)
+        sample = groups.gather(mean + torch.randn_like(mean) * (0.5 * logvar).exp())
+        return obs + sample[:, :-1], sample[:, -1]
+
+    @torch.no_grad()
+    def elite_mean_next_obs(self, obs: torch.Tensor, act: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+        """Each elite's mean next state for every (s, a): `[num_elites, N, obs_dim]`."""
+        parts = [self(obs[i : i + chunk], act[i : i + chunk], self.elites)[0][..., :-1] + obs[i : i + chunk] for i in range(0, len(obs), chunk)]
+        return torch.cat(parts, 1)
+
+    def weight_decay_loss(self) -> torch.Tensor:
+        layers = [*self.net.hidden, self.net.output]
+        return sum(decay * (layer.weight**2).sum() / 2 for decay, layer in zip(self.config.weight_decays, layers))
+
+
+def train_ensemble(model: ProbabilisticEnsemble, obs: torch.Tensor, act: torch.Tensor, next_obs: torch.Tensor, rew: torch.Tensor, seed: int, progress: bool = True) -> list[float]:
+    """Fit the ensemble by Gaussian NLL on bootstrap samples, early-stop on holdout MSE, pick the elites.
+
+    Returns the mean holdout MSE after each epoch. Each member ends with its best-holdout weights.
+    """
+    from tqdm import tqdm
+
+    config, device = model.config, obs.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    inputs, targets = torch.cat([obs, act], -1), torch.cat([next_obs - obs, rew[:, None]], -1)
+    perm = torch.randperm(len(inputs), generator=generator, device=device)
+    num_holdout = int(min(len(inputs) * config.holdout_ratio, config.holdout_max))
+    holdout, train = perm[:num_holdout], perm[num_holdout:]
+    model.input_mean.copy_(inputs[train].mean(0))
+    model.input_std.copy_(inputs[train].std(0).clamp_min(1e-12))
+    bootstrap = train[torch.randint(len(train), (config.num_members, len(train)), generator=generator, device=device)]
+
+    def holdout_mse() -> torch.Tensor:
+        with torch.no_grad():
+            mean, _ = model(obs[holdout], act[holdout])
+            return ((mean - targets[holdout]) ** 2).mean((1, 2))
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    best = holdout_mse()
+    best_state = copy.deepcopy(model.state_dict())
+    history, epochs_since_update, epoch = [], 0, 0
+    bar = tqdm(desc="dynamics", unit="epoch", disable=not progress)
+    while epochs_since_update < config.patience and (config.max_epochs is None or epoch < config.max_epochs):
+        # An independent shuffle of each member's bootstrap sample.
+        shuffled = bootstrap.gather(1, torch.rand(bootstrap.shape, generator=generator, device=device).argsort(1))
+        for start in range(0, shuffled.shape[1], config.batch_size):
+            idx = shuffled[:, start : start + config.batch_size]
+            mean, logvar = model(obs[idx], act[idx])
+            nll = (((mean - targets[idx]) ** 2) * (-logvar).exp() + logvar).mean((1, 2)).sum()
+            bounds = config.logvar_bound_coef * (model.max_logvar.sum() - model.min_logvar.sum())
+            loss = nll + bounds + model.weight_decay_loss()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        epoch += 1
+        mse = holdout_mse()
+        improved = (best - mse) / best > 0.01
+        if improved.any():
+            best = torch.where(improved, mse, best)
+            for name, param in model.named_parameters():  # every parameter has a leading member axis
+                best_state[name][improved] = param.detach()[improved]
+            epochs_since_update = 0
+        else:
+            epochs_since_update += 1
+        history.append(mse.mean().item())
+        bar.update()
+        bar.set_postfix(holdout_mse=f"{history[-1]:.4f}", since_improved=epochs_since_update)
+    bar.close()
+    model.load_state_dict(best_state)
+    model.elites.copy_(holdout_mse().argsort()[: config.num_elites])
+    return history
+
+
+def save_ensemble(model: ProbabilisticEnsemble, path: str, family: str):
+    """Atomic save: weights, config and what they were trained for."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    payload = {"state_dict": model.state_dict(), "config": asdict(model.config), "family": family, "obs_dim": model.obs_dim, "act_dim": model.act_dim}
+    torch.save(payload, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_ensemble(path: str, family: str, obs_dim: int, act_dim: int, device: torch.device) -> ProbabilisticEnsemble:
+    """Load a saved ensemble, refusing one trained for another env or observation size."""
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: dynamics file {path} does not exist; train one with `python dynamics.py --env ...`")
+    try:
+        payload = torch.load(path, map_location=device, weights_only=True)
+        saved = (payload["family"], payload["obs_dim"], payload["act_dim"])
+    except Exception as e:
+        raise SystemExit(f"error: {path} is not a dynamics file saved by dynamics.py ({type(e).__name__}: {e})")
+    if saved != (family, obs_dim, act_dim):
+        raise SystemExit(f"error: {path} was trained for {saved[0]} (obs {saved[1]}, act {saved[2]}), not {family} (obs {obs_dim}, act {act_dim}); retrain it for this env")
+    config = payload["config"]
+    config["weight_decays"] = tuple(config["weight_decays"])
+    model = ProbabilisticEnsemble(obs_dim, act_dim, DynamicsConfig(**config)).to(device)
+    model.load_state_dict(payload["state_dict"])
+    return model
+
+
+@dataclass
+class Args:
+    env: str = "builtin-hopper-medium"
+    """dataset name: D4RL (hopper-medium-v2), built-in (builtin-hopper-medium) or Minari (mujoco/hopper/medium-v0)"""
+    dataset: str | None = None
+    """a D4RL-format HDF5 file to train on instead (--env then names the task)"""
+    seed: int = 0
+    """seed of the holdout split, bootstrap samples and initialisation"""
+    device: str = "auto"
+    """torch device: auto, cpu or cuda"""
+    out: str | None = None
+    """where to save the ensemble; default runs/dynamics__{env}__{seed}__{time}/dynamics.pt"""
+    dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)
+    """ensemble architecture and training"""
+
+
+def main(args: Args):
+    from datasets import DatasetError, load_dataset
+    from sac import pick_device, seed_everything
+
+    try:
+        data = load_dataset(args.env, args.dataset)
+    except DatasetError as e:
+        raise SystemExit(f"error: {e}")
+    seed_everything(args.seed)
+    device = pick_device(args.device)
+    as_tensor = lambda x: torch.as_tensor(x, dtype=torch.float32, device=device)
+    model = ProbabilisticEnsemble(data.obs_dim, data.act_dim, args.dynamics).to(device)
+    history = train_ensemble(model, as_tensor(data.observations), as_tensor(data.actions), as_tensor(data.next_observations), as_tensor(data.rewards), args.seed)
+    path = args.out or os.path.join("runs", f"dynamics__{data.name.replace('/', '_')}__{args.seed}__{int(time.time())}", "dynamics.pt")
+    save_ensemble(model, path, data.family)
+    print(f"trained {len(history)} epochs, holdout MSE {history[0]:.4f} -> {history[-1]:.4f}; elites {model.elites.tolist()}; saved {path}")
+
+
+if __name__ == "__main__":
+    import tyro
+
+    main(tyro.cli(Args))

@@ -1,0 +1,298 @@
+"""Soft Actor-Critic (Haarnoja et al., 2018) with automatic entropy tuning.
+
+drop.py trains this agent on real and model data. Run as a script, it is plain online SAC,
+which this project uses to train its own behaviour policies:
+
+    python sac.py --env Hopper-v4 --total-steps 200000
+"""
+
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nets import EnsembleMLP
+
+LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
+
+
+@dataclass
+class SACConfig:
+    """SAC hyperparameters (shared by sac.py and drop.py)."""
+
+    hidden: int = 256
+    """width of the two hidden layers of the actor and of each critic"""
+    actor_lr: float = 3e-4
+    """Adam learning rate of the actor"""
+    critic_lr: float = 3e-4
+    """Adam learning rate of the twin critics"""
+    alpha_lr: float = 3e-4
+    """Adam learning rate of the entropy temperature"""
+    gamma: float = 0.99
+    """discount factor"""
+    polyak: float = 5e-3
+    """target-critic update rate: target <- (1 - polyak) * target + polyak * critic"""
+    batch_size: int = 256
+    """transitions per SAC update"""
+
+
+class Batch(NamedTuple):
+    obs: torch.Tensor
+    act: torch.Tensor
+    rew: torch.Tensor
+    next_obs: torch.Tensor
+    done: torch.Tensor  # 1.0 where the episode truly terminated (not a time-limit truncation)
+
+
+class ReplayBuffer:
+    """A circular buffer of transitions stored as tensors on the training device."""
+
+    def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
+        self.capacity, self.size, self.ptr = capacity, 0, 0
+        self.obs = torch.zeros(capacity, obs_dim, device=device)
+        self.act = torch.zeros(capacity, act_dim, device=device)
+        self.rew = torch.zeros(capacity, device=device)
+        self.next_obs = torch.zeros(capacity, obs_dim, device=device)
+        self.done = torch.zeros(capacity, device=device)
+
+    def add(self, obs, act, rew, next_obs, done):
+        """Add a batch of transitions (tensors with a leading batch dimension), overwriting the oldest."""
+        n = obs.shape[0]
+        idx = (self.ptr + torch.arange(n, device=self.obs.device)) % self.capacity
+        for storage, values in zip((self.obs, self.act, self.rew, self.next_obs, self.done), (obs, act, rew, next_obs, done)):
+            storage[idx] = values.to(storage.dtype)
+        self.ptr = (self.ptr + n) % self.capacity
+        self.size = min(self.size + n, self.capacity)
+
+    def sample(self, n: int) -> Batch:
+        idx = torch.randint(self.size, (n,), device=self.obs.device)
+        return Batch(self.obs[idx], self.act[idx], self.rew[idx], self.next_obs[idx], self.done[idx])
+
+
+class Actor(nn.Module):
+    """Tanh-Gaussian policy with two ReLU hidden layers."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(obs_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
+        self.mean = nn.Linear(hidden, act_dim)
+        self.log_std = nn.Linear(hidden, act_dim)
+
+    def forward(self, obs: torch.Tensor, deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns an action in [-1, 1] and its log-probability."""
+        h = self.trunk(obs)
+        mean, log_std = self.mean(h), self.log_std(h).clamp(LOG_STD_MIN, LOG_STD_MAX)
+        u = mean if deterministic else mean + log_std.exp() * torch.randn_like(mean)
+        # Gaussian log-density of u, then the tanh change of variables in a numerically stable form.
+        log_prob = (-0.5 * ((u - mean) / log_std.exp()) ** 2 - log_std - 0.5 * np.log(2 * np.pi)).sum(-1)
+        log_prob = log_prob - (2 * (np.log(2) - u - F.softplus(-2 * u))).sum(-1)
+        return torch.tanh(u), log_prob
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray, deterministic: bool = True) -> np.ndarray:
+        device = self.mean.weight.device
+        action, _ = self(torch.as_tensor(obs, dtype=torch.float32, device=device), deterministic)
+        return action.cpu().numpy()
+
+    def to_npz_arrays(self) -> dict[str, np.ndarray]:
+        """Plain arrays for datasets.py's numpy collector (no torch, no pickle)."""
+        layers = {"0": self.trunk[0], "1": self.trunk[2], "_mean": self.mean, "_logstd": self.log_std}
+        arrays = {}
+        for suffix, layer in layers.items():
+            arrays[f"w{suffix}"] = layer.weight.detach().cpu().numpy()
+            arrays[f"b{suffix}"] = layer.bias.detach().cpu().numpy()
+        return arrays
+
+
+class TwinCritic(nn.Module):
+    """Two Q-networks as one batched ensemble. Returns `[2, B]`."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256):
+        super().__init__()
+        self.q = EnsembleMLP(2, obs_dim + act_dim, 1, [hidden, hidden])
+
+    def forward(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([obs, act], -1).expand(2, -1, -1)
+        return self.q(x).squeeze(-1)
+
+
+def adam(params, lr: float, device: torch.device) -> torch.optim.Adam:
+    """Fused Adam where the device supports it: one kernel per step instead of one per tensor."""
+    return torch.optim.Adam(params, lr=lr, fused=device.type == "cuda")
+
+
+class SAC:
+    def __init__(self, obs_dim: int, act_dim: int, config: SACConfig, device: torch.device):
+        self.config, self.device = config, device
+        self.actor = Actor(obs_dim, act_dim, config.hidden).to(device)
+        self.critic = TwinCritic(obs_dim, act_dim, config.hidden).to(device)
+        self.critic_target = TwinCritic(obs_dim, act_dim, config.hidden).to(device)
+        self.critic_target.load_state_dict(self.critic.state_dict())
+        self.critic_target.requires_grad_(False)
+        self.log_alpha = torch.zeros((), device=device, requires_grad=True)
+        self.target_entropy = -float(act_dim)
+        self.actor_opt = adam(self.actor.parameters(), config.actor_lr, device)
+        self.critic_opt = adam(self.critic.parameters(), config.critic_lr, device)
+        self.alpha_opt = adam([self.log_alpha], config.alpha_lr, device)
+
+    def update(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """One gradient step on critics, actor and temperature. Returns detached losses (no host sync)."""
+        alpha = self.log_alpha.exp().detach()
+        with torch.no_grad():
+            next_act, next_log_prob = self.actor(batch.next_obs)
+            next_q = self.critic_target(batch.next_obs, next_act).min(0).values - alpha * next_log_prob
+            target_q = batch.rew + self.config.gamma * (1.0 - batch.done) * next_q
+        critic_loss = ((self.critic(batch.obs, batch.act) - target_q) ** 2).mean(1).sum()
+        self.critic_opt.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        self.critic_opt.step()
+
+        act, log_prob = self.actor(batch.obs)
+        actor_loss = (alpha * log_prob - self.critic(batch.obs, act).min(0).values).mean()
+        self.actor_opt.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        self.actor_opt.step()
+
+        alpha_loss = -(self.log_alpha * (log_prob.detach() + self.target_entropy)).mean()
+        self.alpha_opt.zero_grad(set_to_none=True)
+        alpha_loss.backward()
+        self.alpha_opt.step()
+
+        with torch.no_grad():
+            target_params, params = list(self.critic_target.parameters()), list(self.critic.parameters())
+            torch._foreach_lerp_(target_params, params, self.config.polyak)
+        return {"critic_loss": critic_loss.detach(), "actor_loss": actor_loss.detach(), "alpha": alpha, "entropy": -log_prob.detach().mean()}
+
+
+def evaluate(actor: Actor, env, episodes: int, seed: int) -> np.ndarray:
+    """Undiscounted returns of the deterministic policy, one episode per seeded reset."""
+    action_scale = env.action_space.high
+    returns = np.zeros(episodes)
+    for episode in range(episodes):
+        obs, _ = env.reset(seed=seed + episode)
+        done = False
+        while not done:
+            obs, reward, terminated, truncated, _ = env.step(actor.act(obs) * action_scale)
+            returns[episode] += reward
+            done = terminated or truncated
+    return returns
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def start_run(run_name: str, args, track: bool, project: str):
+    """TensorBoard writer under runs/{run_name}, plus wandb mirroring with --track."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    if track:
+        try:
+            import wandb
+        except ImportError:
+            raise SystemExit("error: --track needs wandb: pip install wandb")
+        wandb.init(project=project, name=run_name, config=asdict(args), sync_tensorboard=True)
+    writer = SummaryWriter(os.path.join("runs", run_name))
+    writer.add_text("args", "\n".join(f"{k}: {v}" for k, v in asdict(args).items()))
+    return writer
+
+
+@dataclass
+class Args:
+    env: str = "Hopper-v4"
+    """Gymnasium environment id (continuous actions)"""
+    seed: int = 1
+    """seed of the environment, the network initialisation and the sampling"""
+    total_steps: int = 200_000
+    """environment steps"""
+    learning_starts: int = 5_000
+    """uniform-random steps before learning starts"""
+    buffer_size: int = 1_000_000
+    """replay buffer capacity"""
+    eval_every: int = 5_000
+    """evaluate (and save an actor snapshot) every this many steps"""
+    eval_episodes: int = 5
+    """deterministic episodes per evaluation"""
+    device: str = "auto"
+    """torch device: auto, cpu or cuda"""
+    track: bool = False
+    """mirror the TensorBoard logs to Weights & Biases"""
+    run_name: str | None = None
+    """name of runs/{run_name}; default: sac__{env}__{seed}__{time}"""
+    sac: SACConfig = field(default_factory=SACConfig)
+    """SAC hyperparameters"""
+
+
+def main(args: Args):
+    import gymnasium as gym
+    from tqdm import trange
+
+    from datasets import DatasetError, make_gym_env
+
+    try:
+        env, eval_env = make_gym_env(args.env), make_gym_env(args.env)
+    except DatasetError as e:
+        raise SystemExit(f"error: {e}")
+    if not isinstance(env.action_space, gym.spaces.Box) or not np.allclose(env.action_space.low, -env.action_space.high):
+        raise SystemExit(f"error: {args.env} needs a symmetric continuous (Box) action space for sac.py")
+    seed_everything(args.seed)
+    device = pick_device(args.device)
+    run_name = args.run_name or f"sac__{args.env}__{args.seed}__{int(time.time())}"
+    writer = start_run(run_name, args, args.track, "drop-sac")
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    action_scale = env.action_space.high
+    agent = SAC(obs_dim, act_dim, args.sac, device)
+    buffer = ReplayBuffer(min(args.buffer_size, args.total_steps), obs_dim, act_dim, device)
+    env.action_space.seed(args.seed)
+
+    obs, _ = env.reset(seed=args.seed)
+    episode_return = 0.0
+    progress = trange(1, args.total_steps + 1, desc=f"sac {args.env}", unit="step")
+    for step in progress:
+        if step <= args.learning_starts:
+            act = env.action_space.sample() / action_scale
+        else:
+            act = agent.actor.act(obs, deterministic=False)
+        next_obs, reward, terminated, truncated, _ = env.step(act * action_scale)
+        episode_return += reward
+        as_row = lambda x: torch.as_tensor(np.asarray(x, dtype=np.float32)[None], device=device)
+        buffer.add(as_row(obs), as_row(act), as_row(reward), as_row(next_obs), as_row(float(terminated)))
+        obs = next_obs
+        if terminated or truncated:
+            writer.add_scalar("charts/episode_return", episode_return, step)
+            obs, _ = env.reset()
+            episode_return = 0.0
+
+        if step > args.learning_starts:
+            losses = agent.update(buffer.sample(args.sac.batch_size))
+            if step % 1000 == 0:
+                for key, value in losses.items():
+                    writer.add_scalar(f"losses/{key}", value.item(), step)
+        if step % args.eval_every == 0 or step == args.total_steps:
+            returns = evaluate(agent.actor, eval_env, args.eval_episodes, seed=10_000 + step)
+            writer.add_scalar("eval/return", returns.mean(), step)
+            np.savez(os.path.join("runs", run_name, f"actor_step{step}.npz"), **agent.actor.to_npz_arrays())
+            progress.set_postfix(eval_return=f"{returns.mean():.0f}")
+    np.savez(os.path.join("runs", run_name, "actor.npz"), **agent.actor.to_npz_arrays())
+    writer.close()
+    print(f"final eval return: {returns.mean():.1f} ± {returns.std():.1f}; actors saved in runs/{run_name}")
+
+
+if __name__ == "__main__":
+    import tyro
+
+    main(tyro.cli(Args))

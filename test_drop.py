@@ -1,0 +1,141 @@
+"""End to end: drop.py trains with each penalty on a small D4RL-format file of real Hopper-v4
+steps, writes a checkpoint and TensorBoard logs with finite losses, and eval.py scores the result.
+Bad input ends in one clear line, never a traceback."""
+
+import glob
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import tyro
+
+import datasets
+import drop
+
+torch.set_num_threads(1)
+HERE = os.path.dirname(os.path.abspath(__file__))
+# A run small enough for CI: tiny networks, a few updates, two epochs.
+TINY = [
+    "--epochs", "2", "--steps-per-epoch", "20", "--rollout-freq", "10", "--rollout-batch-size", "200",
+    "--eval-every", "1", "--eval-episodes", "1", "--dice-steps", "5",
+    "--sac.hidden", "32", "--sac.batch-size", "64", "--dice.pretrain-steps", "5",
+    "--dynamics.num-members", "3", "--dynamics.num-elites", "2", "--dynamics.hidden", "32", "--dynamics.max-epochs", "2",
+]  # fmt: skip
+
+
+def run_script(*argv: str, cwd: str) -> subprocess.CompletedProcess:
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def hopper_file(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("data") / "hopper-small.hdf5"
+    datasets.collect("Hopper-v4", "random", 2000, seed=0, out=path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def runs(hopper_file, tmp_path_factory):
+    """One tiny run per penalty in one working folder; the first trains the dynamics the others reuse."""
+    workdir = tmp_path_factory.mktemp("work")
+    cwd = os.getcwd()
+    os.chdir(workdir)
+    try:
+        common = ["--env", "hopper-medium-v2", "--dataset", hopper_file, *TINY]
+        drop.main(tyro.cli(drop.Args, args=[*common, "--penalty", "drop", "--run-name", "drop"]))
+        for penalty in ("mopo", "none"):
+            drop.main(tyro.cli(drop.Args, args=[*common, "--penalty", penalty, "--run-name", penalty, "--dynamics-path", "runs/drop/dynamics.pt"]))
+    finally:
+        os.chdir(cwd)
+    return workdir
+
+
+def logged_scalars(run_dir: str) -> dict[str, list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(run_dir)
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+@pytest.mark.parametrize("penalty", ["drop", "mopo", "none"])
+def test_each_penalty_trains_and_logs_finite_values(runs, penalty):
+    run_dir = runs / "runs" / penalty
+    assert (run_dir / "checkpoint.pt").is_file()
+    assert glob.glob(str(run_dir / "events.out.tfevents.*"))
+    scalars = logged_scalars(str(run_dir))
+    for tag in ("sac/critic_loss", "sac/actor_loss", "eval/normalized_score"):
+        assert len(scalars[tag]) == 2, tag  # one value per epoch
+    for tag in ("rollout/reward_mean", "rollout/length_mean"):
+        assert len(scalars[tag]) == 4, tag  # two rollouts per epoch
+    if penalty == "drop":
+        assert len(scalars["dice/objective"]) == 2 and "rollout/tau_mean" in scalars
+    for tag, values in scalars.items():
+        assert all(math.isfinite(v) for v in values), (tag, values)
+
+
+def test_penalties_differ(runs):
+    """The three runs penalise differently: none has zero penalty, mopo and drop do not."""
+    means = {p: logged_scalars(str(runs / "runs" / p))["rollout/penalty_mean"][-1] for p in ("drop", "mopo", "none")}
+    assert means["none"] == 0.0
+    assert means["mopo"] > 0.0 and means["drop"] != 0.0
+
+
+def test_checkpoint_loads_weights_only(runs):
+    checkpoint = torch.load(runs / "runs" / "drop" / "checkpoint.pt", weights_only=True)
+    assert checkpoint["family"] == "hopper" and checkpoint["dice"] is not None
+    assert checkpoint["args"]["penalty"] == "drop"
+
+
+def test_eval_prints_normalized_score(runs):
+    result = run_script(os.path.join(HERE, "eval.py"), "runs/drop", "--episodes", "2", cwd=runs)
+    assert result.returncode == 0, result.stderr
+    line = [l for l in result.stdout.splitlines() if l.startswith("normalized score:")]
+    assert line and "±" in line[0], result.stdout
+    mean, std = (float(x) for x in line[0].removeprefix("normalized score:").split("±"))
+    assert math.isfinite(mean) and std >= 0
+
+
+def test_eval_refuses_checkpoint_for_another_env(runs):
+    result = run_script(os.path.join(HERE, "eval.py"), "runs/drop", "--env", "Walker2d-v4", cwd=runs)
+    assert_one_line_error(result, "hopper", "Walker2d-v4")
+
+
+def test_dynamics_from_another_env_is_refused(runs, tmp_path):
+    walker = tmp_path / "walker.hdf5"
+    datasets.collect("Walker2d-v4", "random", 300, seed=0, out=walker)
+    result = run_script(os.path.join(HERE, "drop.py"), "--env", "walker2d-medium-v2", "--dataset", str(walker), "--dynamics-path", str(runs / "runs" / "drop" / "dynamics.pt"), *TINY, cwd=tmp_path)
+    assert_one_line_error(result, "hopper", "walker2d")
+
+
+def test_unknown_env_lists_valid_names(tmp_path):
+    result = run_script(os.path.join(HERE, "drop.py"), "--env", "hopper-mediocre-v2", cwd=tmp_path)
+    assert_one_line_error(result, "hopper-mediocre-v2", "hopper-medium-v2", "builtin-hopper-random")
+
+
+def test_dataset_with_wrong_observation_size_is_refused(tmp_path):
+    walker = tmp_path / "walker.hdf5"
+    datasets.collect("Walker2d-v4", "random", 100, seed=0, out=walker)
+    result = run_script(os.path.join(HERE, "drop.py"), "--env", "hopper-medium-v2", "--dataset", str(walker), cwd=tmp_path)
+    assert_one_line_error(result, str(walker), "observations")
+    assert not os.path.exists(tmp_path / "runs")
+
+
+def test_help_explains_every_flag():
+    result = run_script(os.path.join(HERE, "drop.py"), "--help", cwd=HERE)
+    assert result.returncode == 0
+    for flag, words in [("--eta", "penalty coefficient"), ("--dynamics-path", "reuse an ensemble"), ("--sac.polyak", "target-critic")]:
+        assert flag in result.stdout and words in result.stdout, flag
