@@ -136,9 +136,14 @@ class ProbabilisticEnsemble(nn.Module):
         parts = [self(obs[i : i + chunk], act[i : i + chunk], self.elites)[0][..., :-1] + obs[i : i + chunk] for i in range(0, len(obs), chunk)]
         return torch.cat(parts, 1)
 
-    def weight_decay_loss(self) -> torch.Tensor:
+    def loss(self, obs: torch.Tensor, act: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Training loss on per-member batches `[E, B, .]`: Gaussian NLL, log-variance bound penalty, L2."""
+        mean, logvar = self(obs, act)
+        nll = (((mean - targets) ** 2) * (-logvar).exp() + logvar).mean((1, 2)).sum()
+        bounds = self.config.logvar_bound_coef * (self.max_logvar.sum() - self.min_logvar.sum())
         layers = [*self.net.hidden, self.net.output]
-        return sum(decay * (layer.weight**2).sum() / 2 for decay, layer in zip(self.config.weight_decays, layers))
+        weight_decay = sum(decay * (layer.weight**2).sum() / 2 for decay, layer in zip(self.config.weight_decays, layers))
+        return nll + bounds + weight_decay
 
 
 def train_ensemble(model: ProbabilisticEnsemble, obs: torch.Tensor, act: torch.Tensor, next_obs: torch.Tensor, rew: torch.Tensor, seed: int, progress: bool = True) -> list[float]:
@@ -173,10 +178,7 @@ def train_ensemble(model: ProbabilisticEnsemble, obs: torch.Tensor, act: torch.T
         shuffled = bootstrap.gather(1, torch.rand(bootstrap.shape, generator=generator, device=device).argsort(1))
         for start in range(0, shuffled.shape[1], config.batch_size):
             idx = shuffled[:, start : start + config.batch_size]
-            mean, logvar = model(obs[idx], act[idx])
-            nll = (((mean - targets[idx]) ** 2) * (-logvar).exp() + logvar).mean((1, 2)).sum()
-            bounds = config.logvar_bound_coef * (model.max_logvar.sum() - model.min_logvar.sum())
-            loss = nll + bounds + model.weight_decay_loss()
+            loss = model.loss(obs[idx], act[idx], targets[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

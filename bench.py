@@ -1,0 +1,201 @@
+"""Benchmark: what each part of a DROP epoch costs, for --penalty drop, mopo and none.
+
+    python bench.py                      # hopper (11/3) and halfcheetah (17/6) shapes, printed as a table
+    python bench.py --json out.json      # the same, also as JSON
+    python bench.py --device cuda        # on a GPU
+
+Synthetic data with the real shapes: 1M real transitions, 7 members / 5 elites, 50,000 rollout
+starts, h = 5, batch 256, 1000 SAC updates and 400 DICE steps per epoch. An epoch runs exactly
+drop.py's functions in drop.py's order: train_dice, rollout, then SAC updates on mixed batches.
+The three penalties are measured interleaved (drop, mopo, none, drop, ...) after a warm-up, so
+drift on a shared machine hits them alike; medians are reported with the min and max.
+The synthetic dynamics never terminate a rollout, so rollouts run their full length (the
+worst case for every penalty).
+"""
+
+import json
+import platform
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+
+from datasets import OBS_ACT_DIMS
+from dice import DiceConfig, GradientDICE, train_dice
+from drop import TASK_DEFAULTS, Args as DropArgs, mixed_batch, rollout
+from dynamics import DynamicsConfig, ProbabilisticEnsemble, halfcheetah_terminated
+from sac import SAC, ReplayBuffer, SACConfig, adam, pick_device
+
+PENALTIES = ("drop", "mopo", "none")
+
+
+@dataclass
+class Args:
+    families: tuple[str, ...] = ("hopper", "halfcheetah")
+    """which observation/action shapes to measure (hopper 11/3, walker2d and halfcheetah 17/6)"""
+    num_transitions: int = 1_000_000
+    """synthetic real transitions"""
+    rollout_batch_size: int = 50_000
+    """rollout start states per epoch"""
+    horizon: int = 5
+    """rollout length"""
+    sac_updates: int = 1000
+    """SAC updates per epoch"""
+    dice_steps: int = 400
+    """GradientDICE steps per epoch"""
+    dynamics_steps: int = 100
+    """dynamics training steps timed; scaled up to one pass over the data"""
+    repeats: int = 3
+    """timed epochs per penalty"""
+    warmup: int = 1
+    """untimed epochs per penalty first"""
+    device: str = "auto"
+    """torch device: auto, cpu or cuda"""
+    json: str | None = None
+    """also write the results to this JSON file"""
+    tiny: bool = False
+    """a seconds-long smoke run with small sizes (for the tests); its numbers mean nothing"""
+    seed: int = 0
+    """seed of the synthetic data and networks"""
+    sac: SACConfig = field(default_factory=SACConfig)
+    """SAC hyperparameters"""
+
+
+TINY = dict(num_transitions=2000, rollout_batch_size=500, horizon=2, sac_updates=10, dice_steps=5, dynamics_steps=3, repeats=1, warmup=0)
+
+
+def synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: torch.device):
+    """fn's result and its wall time, with the device's queued work included."""
+    synchronize(device)
+    start = time.perf_counter()
+    result = fn()
+    synchronize(device)
+    return result, time.perf_counter() - start
+
+
+def dynamics_seconds_per_epoch(dynamics: ProbabilisticEnsemble, real: ReplayBuffer, args: Args, device: torch.device) -> float:
+    """Time `dynamics_steps` training steps; one epoch is one pass of every member over its bootstrap sample."""
+    optimizer = torch.optim.Adam(dynamics.parameters(), lr=dynamics.config.lr)
+    batch = dynamics.config.batch_size
+
+    def steps():
+        for _ in range(args.dynamics_steps):
+            idx = torch.randint(real.size, (dynamics.config.num_members, batch), device=device)
+            loss = dynamics.loss(real.obs[idx], real.act[idx], torch.cat([real.next_obs[idx] - real.obs[idx], real.rew[idx][..., None]], -1))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    steps()  # warm-up
+    _, seconds = timed(steps, device)
+    return seconds / args.dynamics_steps * (real.size / batch)
+
+
+def bench_family(family: str, args: Args, device: torch.device) -> dict:
+    obs_dim, act_dim = OBS_ACT_DIMS[family]
+    real = ReplayBuffer(args.num_transitions, obs_dim, act_dim, device)
+    n = args.num_transitions
+    real.add(torch.randn(n, obs_dim, device=device), torch.rand(n, act_dim, device=device) * 2 - 1, torch.randn(n, device=device), torch.randn(n, obs_dim, device=device), torch.zeros(n, device=device))
+    real_obs, real_act = real.obs[: real.size], real.act[: real.size]
+    dynamics = ProbabilisticEnsemble(obs_dim, act_dim, DynamicsConfig()).to(device)
+    dynamics_seconds = dynamics_seconds_per_epoch(dynamics, real, args, device)
+    dynamics.requires_grad_(False)
+
+    hp = replace(TASK_DEFAULTS[f"{family}-medium"], horizon=args.horizon, dice_steps=args.dice_steps, clip=(0.01, 10.0), transform="log")
+    dice_config = DiceConfig()
+    runs = {}
+    for penalty in PENALTIES:
+        drop_args = DropArgs(penalty=penalty, rollout_batch_size=args.rollout_batch_size, sac=args.sac)
+        agent = SAC(obs_dim, act_dim, args.sac, device)
+        model_buffer = ReplayBuffer(args.rollout_batch_size * args.horizon * drop_args.model_retain_epochs, obs_dim, act_dim, device)
+        dice = dice_opt = dice_next_obs = None
+        if penalty == "drop":
+            dice = GradientDICE(obs_dim, act_dim, len(dynamics.elites), dice_config.hidden, dynamics.input_mean, dynamics.input_std).to(device)
+            dice_opt = adam(dice.parameters(), hp.dice_lr, device)
+            dice_next_obs, cache_seconds = timed(lambda: dynamics.elite_mean_next_obs(real_obs, real_act), device)
+        runs[penalty] = dict(args=drop_args, agent=agent, buffer=model_buffer, dice=dice, dice_opt=dice_opt, next_obs=dice_next_obs, times=[])
+        if penalty == "drop":
+            runs[penalty]["cache_seconds"] = cache_seconds
+
+    def epoch(run) -> dict[str, float]:
+        """One drop.py epoch, each part timed."""
+        agent, dice = run["agent"], run["dice"]
+        sample_action = lambda obs: agent.actor(obs)[0]
+        parts = {"dice_seconds": 0.0}
+        if dice is not None:
+            _, parts["dice_seconds"] = timed(lambda: train_dice(dice, run["dice_opt"], real_obs, real_act, run["next_obs"], real_obs, sample_action, args.dice_steps, dice_config, hp.dice_lambda), device)
+        start_obs = real_obs[torch.randint(real.size, (args.rollout_batch_size,), device=device)]
+        _, parts["rollout_seconds"] = timed(lambda: rollout(dynamics, agent, dice, start_obs, hp, run["args"], halfcheetah_terminated, run["buffer"]), device)
+
+        def updates():
+            for _ in range(args.sac_updates):
+                agent.update(mixed_batch(real, run["buffer"], args.sac.batch_size, run["args"].real_ratio))
+
+        _, sac_seconds = timed(updates, device)
+        parts["sac_updates_per_s"] = args.sac_updates / sac_seconds
+        parts["epoch_seconds"] = parts["dice_seconds"] + parts["rollout_seconds"] + sac_seconds
+        return parts
+
+    for i in range(args.warmup + args.repeats):
+        for penalty in PENALTIES:
+            parts = epoch(runs[penalty])
+            if i >= args.warmup:
+                runs[penalty]["times"].append(parts)
+
+    results = {}
+    for penalty, run in runs.items():
+        keys = run["times"][0].keys()
+        results[penalty] = {key: statistics.median(t[key] for t in run["times"]) for key in keys}
+        results[penalty]["spread"] = {key: [min(t[key] for t in run["times"]), max(t[key] for t in run["times"])] for key in keys}
+        results[penalty]["dynamics_train_seconds_per_epoch"] = dynamics_seconds
+        if "cache_seconds" in run:
+            results[penalty]["dice_cache_seconds_once"] = run["cache_seconds"]
+    epoch_seconds = {p: results[p]["epoch_seconds"] for p in PENALTIES}
+    results["ratios"] = {"drop_over_none": epoch_seconds["drop"] / epoch_seconds["none"], "drop_over_mopo": epoch_seconds["drop"] / epoch_seconds["mopo"]}
+    results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == "cuda":
+        results["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return results
+
+
+def print_table(family: str, results: dict):
+    print(f"\n{family}: epoch = DICE + rollout + SAC updates (median of repeats; [min, max])")
+    print(f"{'penalty':8} {'epoch s':>20} {'DICE s':>8} {'rollout s':>10} {'SAC upd/s':>10} {'dyn train s/epoch':>18}")
+    for penalty in PENALTIES:
+        r = results[penalty]
+        lo, hi = r["spread"]["epoch_seconds"]
+        print(f"{penalty:8} {r['epoch_seconds']:8.2f} [{lo:5.2f}, {hi:5.2f}] {r['dice_seconds']:8.2f} {r['rollout_seconds']:10.2f} {r['sac_updates_per_s']:10.1f} {r['dynamics_train_seconds_per_epoch']:18.1f}")
+    ratios = results["ratios"]
+    print(f"drop/none = {ratios['drop_over_none']:.3f} (target <= 1.10), drop/mopo = {ratios['drop_over_mopo']:.3f} (target <= 1.00), peak RSS {results['peak_rss_mb']:.0f} MB")
+
+
+def main(args: Args):
+    if args.tiny:
+        args = type(args)(**(asdict(args) | TINY | {"sac": args.sac}))
+    device = pick_device(args.device)
+    torch.manual_seed(args.seed)
+    report = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "config": {k: v for k, v in asdict(args).items() if k not in ("json", "sac")},
+    }
+    for family in args.families:
+        report[family] = bench_family(family, args, device)
+        print_table(family, report[family])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    import tyro
+
+    main(tyro.cli(Args))
