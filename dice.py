@@ -116,4 +116,6 @@ def penalty(tau: torch.Tensor, transform: Transform, clip: tuple[float, float] |
         return torch.log(tau)
     if transform == "tanh-shift":
         return torch.tanh(tau - 1)
-    return torch.tanh(tau) - math.tanh(1.0)
+    if transform == "tanh-offset":
+        return torch.tanh(tau) - math.tanh(1.0)
+    raise ValueError(f"unknown penalty transform {transform!r}: use log, tanh-shift or tanh-offset")

@@ -160,7 +160,8 @@ def train_ensemble(model: ProbabilisticEnsemble, obs: torch.Tensor, act: torch.T
     num_holdout = int(min(len(inputs) * config.holdout_ratio, config.holdout_max))
     holdout, train = perm[:num_holdout], perm[num_holdout:]
     model.input_mean.copy_(inputs[train].mean(0))
-    model.input_std.copy_(inputs[train].std(0).clamp_min(1e-12))
+    std = inputs[train].std(0)
+    model.input_std.copy_(torch.where(std < 1e-12, torch.ones_like(std), std))  # constant columns pass through (MBPO)
     bootstrap = train[torch.randint(len(train), (config.num_members, len(train)), generator=generator, device=device)]
 
     def holdout_mse() -> torch.Tensor:
