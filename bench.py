@@ -176,13 +176,21 @@ def print_table(family: str, results: dict):
     print(f"drop/none = {ratios['drop_over_none']:.3f} (target <= 1.10), drop/mopo = {ratios['drop_over_mopo']:.3f} (target <= 1.00), peak RSS {results['peak_rss_mb']:.0f} MB")
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
+
+
 def main(args: Args):
     if args.tiny:
         args = type(args)(**(asdict(args) | TINY | {"sac": args.sac}))
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
     report = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "config": {k: v for k, v in asdict(args).items() if k not in ("json", "sac")},

@@ -173,7 +173,7 @@ def train_ensemble(model: ProbabilisticEnsemble, obs: torch.Tensor, act: torch.T
     best = holdout_mse()
     best_state = copy.deepcopy(model.state_dict())
     history, epochs_since_update, epoch = [], 0, 0
-    bar = tqdm(desc="dynamics", unit="epoch", disable=not progress)
+    bar = tqdm(desc="dynamics", unit="epoch", total=config.max_epochs, disable=not progress)  # ETA only with a cap
     while epochs_since_update < config.patience and (config.max_epochs is None or epoch < config.max_epochs):
         # An independent shuffle of each member's bootstrap sample.
         shuffled = bootstrap.gather(1, torch.rand(bootstrap.shape, generator=generator, device=device).argsort(1))
