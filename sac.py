@@ -259,6 +259,7 @@ def main(args: Args):
     buffer = ReplayBuffer(min(args.buffer_size, args.total_steps), obs_dim, act_dim, device)
     env.action_space.seed(args.seed)
 
+    as_row = lambda x: torch.as_tensor(np.asarray(x, dtype=np.float32)[None], device=device)  # a batch of one
     obs, _ = env.reset(seed=args.seed)
     episode_return = 0.0
     progress = trange(1, args.total_steps + 1, desc=f"sac {args.env}", unit="step")
@@ -269,7 +270,6 @@ def main(args: Args):
             act = agent.actor.act(obs, deterministic=False)
         next_obs, reward, terminated, truncated, _ = env.step(act * action_scale)
         episode_return += reward
-        as_row = lambda x: torch.as_tensor(np.asarray(x, dtype=np.float32)[None], device=device)
         buffer.add(as_row(obs), as_row(act), as_row(reward), as_row(next_obs), as_row(float(terminated)))
         obs = next_obs
         if terminated or truncated:
