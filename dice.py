@@ -44,6 +44,10 @@ class GradientDICE(nn.Module):
         self.tau = EnsembleMLP(num_heads, obs_dim + act_dim, 1, [hidden, hidden])
         self.f = EnsembleMLP(num_heads, obs_dim + act_dim, 1, [hidden, hidden])
         self.nu = nn.Parameter(torch.zeros(num_heads, 1))
+        # Every head starts at tau = 1, the ratio of a policy that matches the data, so the first
+        # penalties are log(1) = 0 rather than a bonus of eta * log(1 / s1) from tau ~ 0.
+        nn.init.zeros_(self.tau.output.weight)
+        nn.init.ones_(self.tau.output.bias)
         self.register_buffer("input_mean", input_mean.clone())
         self.register_buffer("input_std", input_std.clone())
 
