@@ -125,7 +125,7 @@ def task_hyperparameters(args: Args, task: str) -> TaskDefaults:
     hp = replace(defaults, **{name: value for name, value in overrides.items() if value is not None})
     if args.no_clip:
         hp = replace(hp, clip=None)
-    if args.penalty == "drop" and hp.transform == "log" and hp.clip is None:
+    if args.penalty == "drop" and hp.transform == "log" and (hp.clip is None or hp.clip[0] <= 0):
         raise SystemExit("error: the log transform needs a clip with a positive lower bound: pass --clip 0.01 10 or another --transform")
     return hp
 

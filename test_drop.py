@@ -139,3 +139,17 @@ def test_help_explains_every_flag():
     assert result.returncode == 0
     for flag, words in [("--eta", "penalty coefficient"), ("--dynamics-path", "reuse an ensemble"), ("--sac.polyak", "target-critic")]:
         assert flag in result.stdout and words in result.stdout, flag
+
+
+def test_table_defaults_and_flag_overrides():
+    """Unset flags take the authors' per-dataset config; any flag given wins."""
+    hp = drop.task_hyperparameters(tyro.cli(drop.Args, args=[]), "walker2d-random")
+    assert (hp.horizon, hp.eta, hp.dice_steps, hp.dice_lr, hp.clip, hp.epochs) == (1, 1.0, 600, 1e-3, (0.01, 50.0), 3000)
+    hp = drop.task_hyperparameters(tyro.cli(drop.Args, args=["--eta", "0.5", "--horizon", "3", "--transform", "tanh-shift", "--no-clip"]), "walker2d-random")
+    assert (hp.eta, hp.horizon, hp.transform, hp.clip) == (0.5, 3, "tanh-shift", None)
+
+
+@pytest.mark.parametrize("argv", [["--no-clip"], ["--clip", "0", "10"]])
+def test_log_transform_needs_a_positive_clip(argv):
+    with pytest.raises(SystemExit, match="positive lower bound"):
+        drop.task_hyperparameters(tyro.cli(drop.Args, args=argv), "hopper-medium")
