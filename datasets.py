@@ -310,6 +310,8 @@ def _minari_dataset(dataset_id: str):
         import minari
     except ImportError:
         raise DatasetError(f"{dataset_id} is a Minari dataset: install minari (pip install minari)") from None
+    # The Hugging Face client behind minari logs each failed request too; our one line says it all.
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
     try:
         return minari.load_dataset(dataset_id, download=True)  # local copy first, else the Minari server
     # minari raises whatever its storage backends raise; all of it means "not available".
