@@ -16,8 +16,8 @@ import datasets
 from datasets import REQUIRED_KEYS, DatasetError, TanhGaussianPolicy, load_dataset
 
 # The band for policies/hopper-medium.npz, D4RL-normalised (D4RL's hopper-medium policy scores about 45).
-HOPPER_MEDIUM_BAND = (35.0, 55.0)
-HOPPER_MEDIUM_EPISODES = 3
+MEDIUM_BAND = (35.0, 55.0)  # D4RL-normalised; D4RL's own medium datasets score about 44 (hopper) and 41 (halfcheetah)
+MEDIUM_EPISODES = 3
 
 TIME_LIMIT = 40  # short, so that the small test file has truncated episodes as well as terminated ones
 NUM_TRANSITIONS = 2000
@@ -334,15 +334,16 @@ def test_builtin_random_needs_no_policy_file(tmp_path, caches, monkeypatch):
     assert (data.task, len(data)) == ("hopper-random", 100)
 
 
-def test_hopper_medium_policy_scores_in_band():
-    policy_file = datasets.POLICY_DIR / "hopper-medium.npz"
+@pytest.mark.parametrize("family", ["hopper", "halfcheetah"])
+def test_builtin_medium_policy_scores_in_band(family):
+    policy_file = datasets.POLICY_DIR / f"{family}-medium.npz"
     if not policy_file.exists():
         pytest.skip(f"{policy_file} does not exist yet (train it with sac.py)")
     policy = TanhGaussianPolicy.load(policy_file)
-    returns = datasets.evaluate_policy(policy, "Hopper-v4", HOPPER_MEDIUM_EPISODES, seed=0)
-    score = datasets.normalized_score("hopper", returns).mean()
-    low, high = HOPPER_MEDIUM_BAND
-    assert low <= score <= high, f"hopper-medium policy scores {score:.1f}, outside [{low}, {high}]"
+    returns = datasets.evaluate_policy(policy, datasets.FAMILY_ENV_IDS[family], MEDIUM_EPISODES, seed=0)
+    score = datasets.normalized_score(family, returns).mean()
+    low, high = MEDIUM_BAND
+    assert low <= score <= high, f"{family}-medium policy scores {score:.1f}, outside [{low}, {high}]"
 
 
 def test_normalized_score():
