@@ -186,7 +186,7 @@ def cpu_name() -> str:
 
 def main(args: Args):
     if args.tiny:
-        args = type(args)(**(asdict(args) | TINY | {"sac": args.sac}))
+        args = replace(args, **TINY)
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
     report = {
