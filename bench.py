@@ -24,8 +24,8 @@ import torch
 
 from datasets import OBS_ACT_DIMS
 from dice import DiceConfig, GradientDICE, train_dice
-from drop import TASK_DEFAULTS, Args as DropArgs, mixed_batch, rollout
-from dynamics import DynamicsConfig, ProbabilisticEnsemble, halfcheetah_terminated
+from drop import TASK_DEFAULTS, Args as DropArgs, mixed_batch, model_buffer_capacity, rollout
+from dynamics import DynamicsConfig, ProbabilisticEnsemble, halfcheetah_terminated, transition_targets
 from sac import SAC, ReplayBuffer, SACConfig, adam, pick_device
 
 PENALTIES = ("drop", "mopo", "none")
@@ -88,7 +88,7 @@ def dynamics_seconds_per_epoch(dynamics: ProbabilisticEnsemble, real: ReplayBuff
     def steps():
         for _ in range(args.dynamics_steps):
             idx = torch.randint(real.size, (dynamics.config.num_members, batch), device=device)
-            loss = dynamics.loss(real.obs[idx], real.act[idx], torch.cat([real.next_obs[idx] - real.obs[idx], real.rew[idx][..., None]], -1))
+            loss = dynamics.loss(real.obs[idx], real.act[idx], transition_targets(real.obs[idx], real.next_obs[idx], real.rew[idx]))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -114,15 +114,13 @@ def bench_family(family: str, args: Args, device: torch.device) -> dict:
     for penalty in PENALTIES:
         drop_args = DropArgs(penalty=penalty, rollout_batch_size=args.rollout_batch_size, sac=args.sac)
         agent = SAC(obs_dim, act_dim, args.sac, device)
-        model_buffer = ReplayBuffer(args.rollout_batch_size * args.horizon * drop_args.model_retain_epochs, obs_dim, act_dim, device)
-        dice = dice_opt = dice_next_obs = None
+        model_buffer = ReplayBuffer(model_buffer_capacity(drop_args, args.horizon), obs_dim, act_dim, device)
+        dice = dice_opt = dice_next_obs = cache_seconds = None
         if penalty == "drop":
             dice = GradientDICE(obs_dim, act_dim, len(dynamics.elites), dice_config.hidden, dynamics.input_mean, dynamics.input_std).to(device)
             dice_opt = adam(dice.parameters(), hp.dice_lr, device)
             dice_next_obs, cache_seconds = timed(lambda: dynamics.elite_mean_next_obs(real_obs, real_act), device)
-        runs[penalty] = dict(args=drop_args, agent=agent, buffer=model_buffer, dice=dice, dice_opt=dice_opt, next_obs=dice_next_obs, times=[])
-        if penalty == "drop":
-            runs[penalty]["cache_seconds"] = cache_seconds
+        runs[penalty] = dict(args=drop_args, agent=agent, buffer=model_buffer, dice=dice, dice_opt=dice_opt, next_obs=dice_next_obs, cache_seconds=cache_seconds, times=[])
 
     def epoch(run) -> dict[str, float]:
         """One drop.py epoch, each part timed."""
@@ -155,7 +153,7 @@ def bench_family(family: str, args: Args, device: torch.device) -> dict:
         results[penalty] = {key: statistics.median(t[key] for t in run["times"]) for key in keys}
         results[penalty]["spread"] = {key: [min(t[key] for t in run["times"]), max(t[key] for t in run["times"])] for key in keys}
         results[penalty]["dynamics_train_seconds_per_epoch"] = dynamics_seconds
-        if "cache_seconds" in run:
+        if run["cache_seconds"] is not None:
             results[penalty]["dice_cache_seconds_once"] = run["cache_seconds"]
     epoch_seconds = {p: results[p]["epoch_seconds"] for p in PENALTIES}
     results["ratios"] = {"drop_over_none": epoch_seconds["drop"] / epoch_seconds["none"], "drop_over_mopo": epoch_seconds["drop"] / epoch_seconds["mopo"]}

@@ -309,7 +309,7 @@ def _minari_dataset(dataset_id: str):
     try:
         import minari
     except ImportError:
-        raise DatasetError(f"{dataset_id} is a Minari dataset: install minari (pip install minari)") from None
+        raise DatasetError(f"{dataset_id} is a Minari dataset: install minari (pip install 'minari[hf]')") from None
     # The Hugging Face client behind minari logs each failed request too; our one line says it all.
     os.environ.setdefault("HF_HUB_VERBOSITY", "error")
     try:

@@ -169,6 +169,12 @@ def rollout(dynamics, agent, dice, start_obs, hp: TaskDefaults, args: Args, term
     return summary
 
 
+def model_buffer_capacity(args: Args, horizon: int) -> int:
+    """Room for `model_retain_epochs` epochs of rollouts, each at most rollout_batch_size * horizon."""
+    rollouts_per_epoch = max(args.steps_per_epoch // args.rollout_freq, 1)
+    return args.rollout_batch_size * horizon * args.model_retain_epochs * rollouts_per_epoch
+
+
 def mixed_batch(real: ReplayBuffer, model: ReplayBuffer, batch_size: int, real_ratio: float) -> Batch:
     num_real = int(batch_size * real_ratio)
     real_part, model_part = real.sample(num_real), model.sample(batch_size - num_real)
@@ -227,8 +233,7 @@ def main(args: Args):
     terminated_fn = TERMINATION_FNS[data.family]
 
     agent = SAC(data.obs_dim, data.act_dim, args.sac, device)
-    rollouts_per_epoch = max(args.steps_per_epoch // args.rollout_freq, 1)
-    model_buffer = ReplayBuffer(args.rollout_batch_size * hp.horizon * args.model_retain_epochs * rollouts_per_epoch, data.obs_dim, data.act_dim, device)
+    model_buffer = ReplayBuffer(model_buffer_capacity(args, hp.horizon), data.obs_dim, data.act_dim, device)
     sample_action = lambda obs: agent.actor(obs)[0]
 
     # 2. GradientDICE heads, one per elite. The dynamics are frozen, so each elite's mean

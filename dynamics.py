@@ -146,6 +146,11 @@ class ProbabilisticEnsemble(nn.Module):
         return nll + bounds + weight_decay
 
 
+def transition_targets(obs: torch.Tensor, next_obs: torch.Tensor, rew: torch.Tensor) -> torch.Tensor:
+    """What each member predicts: (s' - s, r)."""
+    return torch.cat([next_obs - obs, rew[..., None]], -1)
+
+
 def train_ensemble(model: ProbabilisticEnsemble, obs: torch.Tensor, act: torch.Tensor, next_obs: torch.Tensor, rew: torch.Tensor, seed: int, progress: bool = True) -> list[float]:
     """Fit the ensemble by Gaussian NLL on bootstrap samples, early-stop on holdout MSE, pick the elites.
 
@@ -155,7 +160,7 @@ def train_ensemble(model: ProbabilisticEnsemble, obs: torch.Tensor, act: torch.T
 
     config, device = model.config, obs.device
     generator = torch.Generator(device=device).manual_seed(seed)
-    inputs, targets = torch.cat([obs, act], -1), torch.cat([next_obs - obs, rew[:, None]], -1)
+    inputs, targets = torch.cat([obs, act], -1), transition_targets(obs, next_obs, rew)
     perm = torch.randperm(len(inputs), generator=generator, device=device)
     num_holdout = int(min(len(inputs) * config.holdout_ratio, config.holdout_max))
     holdout, train = perm[:num_holdout], perm[num_holdout:]
