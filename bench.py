@@ -9,6 +9,8 @@ starts, h = 5, batch 256, 1000 SAC updates and 400 DICE steps per epoch. An epoc
 drop.py's functions in drop.py's order: train_dice, rollout, then SAC updates on mixed batches.
 The three penalties are measured interleaved (drop, mopo, none, drop, ...) after a warm-up, so
 drift on a shared machine hits them alike; medians are reported with the min and max.
+For drop it also times the policy sampling inside the DICE steps on its own (a' and a0), the
+part of DICE's cost that no choice of heads can remove.
 The synthetic dynamics never terminate a rollout, so rollouts run their full length (the
 worst case for every penalty).
 """
@@ -126,9 +128,13 @@ def bench_family(family: str, args: Args, device: torch.device) -> dict:
         """One drop.py epoch, each part timed."""
         agent, dice = run["agent"], run["dice"]
         sample_action = lambda obs: agent.actor(obs)[0]
-        parts = {"dice_seconds": 0.0}
+        parts = {"dice_seconds": 0.0, "dice_policy_seconds": 0.0}
         if dice is not None:
             _, parts["dice_seconds"] = timed(lambda: train_dice(dice, run["dice_opt"], real_obs, real_act, run["next_obs"], real_obs, sample_action, args.dice_steps, dice_config, hp.dice_lambda), device)
+            # Policy sampling alone: a' for each elite's next state plus a0, (elites + 1) x batch rows a step.
+            rows = real_obs[torch.randint(real.size, (args.dice_steps, (len(dynamics.elites) + 1) * dice_config.batch_size), device=device)]
+            with torch.no_grad():
+                _, parts["dice_policy_seconds"] = timed(lambda: [sample_action(step_rows) for step_rows in rows], device)
         start_obs = real_obs[torch.randint(real.size, (args.rollout_batch_size,), device=device)]
         _, parts["rollout_seconds"] = timed(lambda: rollout(dynamics, agent, dice, start_obs, hp, run["args"], halfcheetah_terminated, run["buffer"]), device)
 
@@ -165,11 +171,11 @@ def bench_family(family: str, args: Args, device: torch.device) -> dict:
 
 def print_table(family: str, results: dict):
     print(f"\n{family}: epoch = DICE + rollout + SAC updates (median of repeats; [min, max])")
-    print(f"{'penalty':8} {'epoch s':>20} {'DICE s':>8} {'rollout s':>10} {'SAC upd/s':>10} {'dyn train s/epoch':>18}")
+    print(f"{'penalty':8} {'epoch s':>20} {'DICE s':>8} {'of it pi s':>10} {'rollout s':>10} {'SAC upd/s':>10} {'dyn train s/epoch':>18}")
     for penalty in PENALTIES:
         r = results[penalty]
         lo, hi = r["spread"]["epoch_seconds"]
-        print(f"{penalty:8} {r['epoch_seconds']:8.2f} [{lo:5.2f}, {hi:5.2f}] {r['dice_seconds']:8.2f} {r['rollout_seconds']:10.2f} {r['sac_updates_per_s']:10.1f} {r['dynamics_train_seconds_per_epoch']:18.1f}")
+        print(f"{penalty:8} {r['epoch_seconds']:8.2f} [{lo:5.2f}, {hi:5.2f}] {r['dice_seconds']:8.2f} {r['dice_policy_seconds']:10.2f} {r['rollout_seconds']:10.2f} {r['sac_updates_per_s']:10.1f} {r['dynamics_train_seconds_per_epoch']:18.1f}")
     ratios = results["ratios"]
     print(f"drop/none = {ratios['drop_over_none']:.3f} (target <= 1.10), drop/mopo = {ratios['drop_over_mopo']:.3f} (target <= 1.00), peak RSS {results['peak_rss_mb']:.0f} MB")
 

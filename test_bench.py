@@ -27,6 +27,7 @@ def test_tiny_bench_writes_every_field(tmp_path):
             assert report[penalty][key] >= 0, (penalty, key)
         assert report[penalty]["epoch_seconds"] > 0
     assert report["drop"]["dice_seconds"] > 0 and report["none"]["dice_seconds"] == 0
+    assert report["drop"]["dice_policy_seconds"] > 0 and report["mopo"]["dice_policy_seconds"] == 0
     assert report["peak_rss_mb"] > 0 and set(report["ratios"]) == {"drop_over_none", "drop_over_mopo"}
 
 
