@@ -14,7 +14,12 @@
 """
 
 import csv
+import hashlib
+import json
+import math
 import os
+import signal
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Literal
@@ -22,6 +27,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from checkpoint import atomic_save, atomic_write, buffer_state, check_writable, exclusive_lock, load_buffer_state, load_checkpoint, load_optimizer_state, rng_state, set_rng_state
 from datasets import DEFAULT_ENV, DatasetError, OfflineDataset, load_dataset, make_eval_env, normalized_score
 from dice import DiceConfig, GradientDICE, Transform, build_dice, dice_optimizer, penalty, resolve, train_dice
 from dynamics import TERMINATION_FNS, DynamicsConfig, MemberGroups, ProbabilisticEnsemble, load_ensemble, save_ensemble, train_ensemble
@@ -96,11 +102,17 @@ class Args:
     real_ratio: float = 0.05
     """fraction of real transitions in each SAC batch"""
     eval_every: int = 10
-    """evaluate and checkpoint every this many epochs (and after the last)"""
+    """evaluate every this many epochs (and after the last)"""
+    save_every: int | None = None
+    """write runs/RUN/checkpoint.pt, everything needed to continue, every this many epochs (default: --eval-every)"""
     eval_episodes: int = 10
     """deterministic evaluation episodes"""
     dynamics_path: str | None = None
-    """reuse an ensemble saved by dynamics.py or an earlier drop.py run instead of training one"""
+    """reuse an ensemble saved by dynamics.py or an earlier drop.py run instead of training one (wins over the cache)"""
+    no_dynamics_cache: bool = False
+    """train the ensemble into runs/RUN/dynamics.pt instead of reusing or filling $DROP_CACHE_DIR (default ~/.cache/drop/dynamics)"""
+    resume: str | None = None
+    """continue the stopped run in this folder (runs/RUN) from its checkpoint, with its own arguments; only --seed, the learning rates, --device and --track may change"""
     seed: int = 0
     """seed of everything: dynamics, DICE, SAC, rollouts and evaluation resets"""
     device: str = "auto"
@@ -174,10 +186,12 @@ def rollout(dynamics, agent, dice, start_obs, hp: TaskDefaults, args: Args, term
     """
     num_elites, dice_config = len(dynamics.elites), resolve(args.dice)
     obs, stats = start_obs, {"reward": [], "penalty": [], "tau": []}
+    state_abs_max = torch.zeros((), device=obs.device)
     for _ in range(hp.horizon):
         act, _ = agent.actor(obs)
         groups = MemberGroups(torch.randint(num_elites, (len(obs),), device=obs.device), num_elites)
         next_obs, reward = dynamics.sample_step(obs, act, groups)
+        state_abs_max = torch.maximum(state_abs_max, next_obs.abs().amax())  # NaN-propagating: a broken model state shows here
         if args.penalty == "drop":
             tau, reward_penalty = drop_penalty(dice, obs, act, groups, hp, dice_config)
             stats["tau"].append(tau)
@@ -195,6 +209,7 @@ def rollout(dynamics, agent, dice, start_obs, hp: TaskDefaults, args: Args, term
     stats = {name: torch.cat(values) for name, values in stats.items() if values}
     summary = {f"{name}_mean": values.mean().item() for name, values in stats.items()}
     summary["length_mean"] = len(stats["reward"]) / len(start_obs)
+    summary["state_abs_max"] = state_abs_max.item()
     summary["bonus_fraction"] = (hp.eta * stats["penalty"] < 0).float().mean().item()
     if "tau" in stats and hp.clip is not None:
         summary["tau_below_clip"] = (stats["tau"] <= hp.clip[0]).float().mean().item()
@@ -205,14 +220,18 @@ def rollout(dynamics, agent, dice, start_obs, hp: TaskDefaults, args: Args, term
 PROGRESS_COLUMNS = ["epoch", "normalized_score", "normalized_score_std", "return", "wall_seconds", "penalty_mean", "rollout_tau_mean"]
 
 
-def append_progress(path: str, row: dict):
-    """One evaluation per row of runs/RUN/progress.csv, so sweeps need not parse TensorBoard."""
-    is_new = not os.path.exists(path)
-    with open(path, "a", newline="") as file:
+def write_progress(path: str, rows: list[dict]):
+    """One evaluation per row of runs/RUN/progress.csv, so sweeps need not parse TensorBoard.
+
+    Rewritten whole from the run's evaluation history, so a resumed run never repeats a row.
+    """
+
+    def write(file):
         writer = csv.DictWriter(file, PROGRESS_COLUMNS)
-        if is_new:
-            writer.writeheader()
-        writer.writerow(row)
+        writer.writeheader()
+        writer.writerows(rows)
+
+    atomic_write(path, write, binary=False)
 
 
 def model_buffer_capacity(args: Args, horizon: int) -> int:
@@ -227,54 +246,223 @@ def mixed_batch(real: ReplayBuffer, model: ReplayBuffer, batch_size: int, real_r
     return Batch(*(torch.cat(pair) for pair in zip(real_part, model_part)))
 
 
-def save_checkpoint(path: str, agent: SAC, dice: GradientDICE | None, args: Args, data: OfflineDataset, epoch: int, score: float):
-    """Everything eval.py needs, loadable with weights_only=True (tensors and plain Python values only)."""
+@dataclass
+class EpochProgress:
+    """What the current epoch has done so far: enough to stop after any SAC update and continue exactly."""
+
+    step: int = 0
+    """SAC updates done (the epoch's DICE training comes before the first)"""
+    dice: dict[str, float] = field(default_factory=dict)
+    """the epoch's DICE statistics"""
+    rollouts: list[dict[str, float]] = field(default_factory=list)
+    """each rollout's summary"""
+    loss_sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    """SAC's losses summed over the updates (tensors: no host sync per update)"""
+
+
+def save_checkpoint(path: str, agent: SAC, dice: GradientDICE | None, dice_opt, model_buffer: ReplayBuffer, args: Args, data: OfflineDataset, hp: TaskDefaults,
+                    epoch: int, progress: EpochProgress, eval_history: list[dict], dynamics_path: str, data_sha256: str, wall_seconds: float):
+    """Everything needed to continue the run exactly, and what eval.py needs, loadable with weights_only=True.
+
+    `epoch` is the last completed epoch; `progress` says how far the next one got. The eval env
+    needs no RNG state: it is built anew and reset with fixed seeds at every evaluation.
+    """
     payload = {
         "actor": agent.actor.state_dict(),
         "critic": agent.critic.state_dict(),
         "critic_target": agent.critic_target.state_dict(),
         "log_alpha": agent.log_alpha.detach(),
+        "actor_opt": agent.actor_opt.state_dict(),
+        "critic_opt": agent.critic_opt.state_dict(),
+        "alpha_opt": agent.alpha_opt.state_dict(),
         "dice": dice.state_dict() if dice is not None else None,
+        "dice_opt": dice_opt.state_dict() if dice is not None else None,
+        "model_buffer": buffer_state(model_buffer),
+        "rng": rng_state(),
         "args": asdict(args),
         "dataset": data.name,
+        "data_sha256": data_sha256,
         "family": data.family,
         "eval_env_id": data.eval_env_id,
         "obs_dim": data.obs_dim,
         "act_dim": data.act_dim,
         "epoch": epoch,
-        "normalized_score": score,
+        "epoch_progress": asdict(progress),
+        "epochs": hp.epochs,
+        "finished": epoch + 1 == hp.epochs,
+        "eval_history": eval_history,
+        "normalized_score": eval_history[-1]["normalized_score"] if eval_history else float("nan"),
+        "dynamics_path": dynamics_path,
+        "wall_seconds": wall_seconds,
     }
-    torch.save(payload, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    atomic_save(payload, path)
+
+
+def restore_checkpoint(checkpoint: dict, agent: SAC, dice: GradientDICE | None, dice_opt, model_buffer: ReplayBuffer):
+    """Load a checkpoint's weights, optimiser states and model buffer into a freshly built run."""
+    for module, key in ((agent.actor, "actor"), (agent.critic, "critic"), (agent.critic_target, "critic_target")):
+        module.load_state_dict(checkpoint[key])
+    with torch.no_grad():
+        agent.log_alpha.copy_(checkpoint["log_alpha"])
+    for optimizer, key in ((agent.actor_opt, "actor_opt"), (agent.critic_opt, "critic_opt"), (agent.alpha_opt, "alpha_opt")):
+        load_optimizer_state(optimizer, checkpoint[key])
+    if dice is not None:
+        dice.load_state_dict(checkpoint["dice"])
+        load_optimizer_state(dice_opt, checkpoint["dice_opt"])
+    load_buffer_state(model_buffer, checkpoint["model_buffer"])
+
+
+# Keys a checkpoint needs for --resume (eval.py needs fewer).
+RESUME_KEYS = ("args", "epoch", "epochs", "finished", "epoch_progress", "model_buffer", "rng", "actor_opt", "dynamics_path", "eval_history")
+# What a resumed run may change: the way out of a NaN (another seed, smaller steps) and where it runs.
+RESUME_MAY_CHANGE = {"resume", "seed", "sac.actor_lr", "sac.critic_lr", "sac.alpha_lr", "dice_lr", "device", "track"}
+
+
+def checkpoint_file(run: str) -> str:
+    return run if run.endswith(".pt") else os.path.join(run, "checkpoint.pt")
+
+
+def flat_fields(args: Args) -> dict:
+    """asdict(args) with nested configs as dotted names: {"sac.actor_lr": 3e-4, ...}."""
+    flat = {}
+    for name, value in asdict(args).items():
+        flat.update({f"{name}.{key}": inner for key, inner in value.items()} if isinstance(value, dict) else {name: value})
+    return flat
+
+
+def parse_args(argv: list[str]) -> Args:
+    """The command line; with --resume, the stopped run's own arguments, refusing flags that would change the run."""
+    import tyro
+
+    args = tyro.cli(Args, args=argv)
+    if args.resume is None:
+        return args
+    saved = args_from_dict(load_checkpoint(checkpoint_file(args.resume), RESUME_KEYS, mmap=True)["args"])
+    # Parse again on top of the saved arguments: only flags given now can differ from them.
+    args = tyro.cli(Args, args=argv, default=replace(saved, resume=args.resume))
+    before, after = flat_fields(saved), flat_fields(args)
+    changed = [name for name, value in after.items() if name not in RESUME_MAY_CHANGE and value != before[name]]
+    if changed:
+        flags = ", ".join(f"--{name.replace('_', '-')} {after[name]}" for name in changed)
+        raise SystemExit(f"error: {flags} would change the run that --resume continues; only --seed, the learning rates, --device and --track may change (start a new run for the rest)")
+    return args
+
+
+def dataset_sha256(data: OfflineDataset) -> str:
+    """Fingerprint of the transitions the dynamics learn from: the same bytes give the same ensemble."""
+    digest = hashlib.sha256()
+    for array in (data.observations, data.actions, data.next_observations, data.rewards):
+        digest.update(np.ascontiguousarray(array, dtype=np.float32).data)
+    return digest.hexdigest()
+
+
+def dynamics_cache_file(data: OfflineDataset, data_sha256: str, config: DynamicsConfig, seed: int) -> str:
+    """Where the ensemble for this data, dynamics configuration and seed lives in $DROP_CACHE_DIR."""
+    cache_dir = os.environ.get("DROP_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "drop", "dynamics")
+    key = hashlib.sha256(json.dumps([data_sha256, asdict(config), seed], sort_keys=True).encode()).hexdigest()[:24]
+    return os.path.join(cache_dir, f"{data.family}-{key}.pt")
+
+
+def trained_dynamics(args: Args, data: OfflineDataset, real: ReplayBuffer, data_sha256: str, run_dir: str, device: torch.device) -> tuple[ProbabilisticEnsemble, str]:
+    """The frozen ensemble and its file: --dynamics-path, else the cache (trained into it on a miss), else trained into the run."""
+    if args.dynamics_path:
+        return load_ensemble(args.dynamics_path, data.family, data.obs_dim, data.act_dim, device), os.path.abspath(args.dynamics_path)
+
+    def train(path: str) -> ProbabilisticEnsemble:
+        from torch.utils.tensorboard import SummaryWriter
+
+        dynamics = ProbabilisticEnsemble(data.obs_dim, data.act_dim, args.dynamics).to(device)
+        history = train_ensemble(dynamics, real.obs[: real.size], real.act[: real.size], real.next_obs[: real.size], real.rew[: real.size], args.seed)
+        with SummaryWriter(os.path.join(run_dir, "dynamics")) as writer:  # its own folder, so a resume's purge cannot touch it
+            for epoch, mse in enumerate(history):
+                writer.add_scalar("dynamics/holdout_mse", mse, epoch)
+        save_ensemble(dynamics, path, data.family)
+        return dynamics
+
+    if args.no_dynamics_cache:
+        path = os.path.abspath(os.path.join(run_dir, "dynamics.pt"))
+        return train(path), path
+    path = dynamics_cache_file(data, data_sha256, args.dynamics, args.seed)
+    check_writable(os.path.dirname(path), "dynamics cache folder", "set DROP_CACHE_DIR to a writable folder or pass --no-dynamics-cache")
+    # A second run on the same key (a sweep) waits here for the first to finish training, then reuses its file.
+    with exclusive_lock(path + ".lock", f"waiting for another run that is training the same ensemble into {path}"):
+        if os.path.isfile(path):
+            print(f"reusing the trained ensemble {path} (same data, dynamics config and seed; --no-dynamics-cache to retrain)")
+            return load_ensemble(path, data.family, data.obs_dim, data.act_dim, device), path
+        return train(path), path
+
+
+class StopOnSignal:
+    """Ctrl-C (SIGINT) and SIGTERM ask the loop to stop after the current update; a second Ctrl-C stops at once."""
+
+    def __enter__(self):
+        self.requested = None
+        self.previous = {signum: signal.signal(signum, self.request) for signum in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def request(self, signum, frame):
+        self.requested = signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        print(f"\n{signal.Signals(signum).name}: stopping after this update", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+def check_finite(values: dict[str, float], what: str, epoch: int, run_dir: str):
+    """Stop at the first NaN or infinity, naming it: training on would only spread it into the weights."""
+    for name, value in values.items():
+        if not math.isfinite(value):
+            path = os.path.join(run_dir, "checkpoint.pt")
+            if os.path.isfile(path):
+                last = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"] + 1
+                fix = f"the last good checkpoint (epoch {last}) stays: python drop.py --resume {run_dir} [--seed N | --sac.actor-lr LR ...]"
+            else:
+                fix = "no checkpoint was written before it; try another --seed or smaller learning rates"
+            raise SystemExit(f"error: {what}{name} is {value} in epoch {epoch + 1}; {fix}")
 
 
 def main(args: Args):
-    from tqdm import trange
+    from tqdm import tqdm
 
+    checkpoint = None
+    if args.resume:
+        checkpoint = load_checkpoint(checkpoint_file(args.resume), RESUME_KEYS, mmap=True)
+        if checkpoint["finished"]:
+            print(f"{args.resume} is finished ({checkpoint['epochs']} of {checkpoint['epochs']} epochs); nothing to resume")
+            return
     try:
         data = load_dataset(args.env, args.dataset)
     except DatasetError as e:
         raise SystemExit(f"error: {e}")
+    data_sha256 = dataset_sha256(data)
+    if checkpoint is not None and checkpoint.get("data_sha256", data_sha256) != data_sha256:
+        raise SystemExit(f"error: the dataset {data.path} changed since {args.resume} started; resume needs the same data")
     hp = task_hyperparameters(args, data.task)
     seed_everything(args.seed)
     device = pick_device(args.device)
-    run_name = args.run_name or f"drop__{data.name.replace('/', '_')}__{args.penalty}__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join("runs", run_name)
-    writer = start_run(run_name, args, args.track, "drop")
-    writer.add_text("task_hyperparameters", str(hp))
-    print(f"{data.name} ({data.source}, {len(data.observations)} transitions) -> runs/{run_name}\n{hp}")
+    if args.resume:
+        run_dir = os.path.dirname(checkpoint_file(args.resume)) or "."
+    else:
+        run_dir = os.path.join("runs", args.run_name or f"drop__{data.name.replace('/', '_')}__{args.penalty}__{args.seed}__{int(time.time())}")
+    check_writable(run_dir, "runs folder", "run from a folder you can write to, or free some space")
+    start_epoch = checkpoint["epoch"] + 1 if checkpoint else 0
+    writer = start_run(run_dir, args, args.track, "drop", purge_step=start_epoch if checkpoint else None)
+    if checkpoint is None:
+        writer.add_text("task_hyperparameters", str(hp))
+    print(f"{data.name} ({data.source}, {len(data.observations)} transitions) -> {run_dir}\n{hp}")
     real = real_buffer(data, device)
     real_obs, real_act = real.obs[: real.size], real.act[: real.size]
 
-    # 1. Dynamics: train once, or reuse a saved ensemble. Frozen from here on.
-    if args.dynamics_path:
-        dynamics = load_ensemble(args.dynamics_path, data.family, data.obs_dim, data.act_dim, device)
+    # 1. Dynamics: train once per data, config and seed (cached), or reuse a saved ensemble. Frozen from here on.
+    if checkpoint:
+        dynamics_path = checkpoint["dynamics_path"]
+        if not os.path.isfile(dynamics_path):
+            raise SystemExit(f"error: {dynamics_path}, the ensemble this run trained with, is gone; put it back to resume (a new run trains or reuses one)")
+        dynamics = load_ensemble(dynamics_path, data.family, data.obs_dim, data.act_dim, device)
     else:
-        dynamics = ProbabilisticEnsemble(data.obs_dim, data.act_dim, args.dynamics).to(device)
-        history = train_ensemble(dynamics, real_obs, real_act, real.next_obs[: real.size], real.rew[: real.size], args.seed)
-        for epoch, mse in enumerate(history):
-            writer.add_scalar("dynamics/holdout_mse", mse, epoch)
-        save_ensemble(dynamics, os.path.join(run_dir, "dynamics.pt"), data.family)
+        dynamics, dynamics_path = trained_dynamics(args, data, real, data_sha256, run_dir, device)
     dynamics.requires_grad_(False)
     terminated_fn = TERMINATION_FNS[data.family]
 
@@ -284,62 +472,100 @@ def main(args: Args):
 
     # 2. GradientDICE heads, one per elite. The dynamics are frozen, so each elite's mean
     # next state for every dataset (s, a) is computed once here instead of at every DICE step.
-    dice, dice_config = None, resolve(args.dice)
+    dice, dice_opt, dice_config = None, None, resolve(args.dice)
     if args.penalty == "drop":
         dice = build_dice(dice_config, data.obs_dim, data.act_dim, len(dynamics.elites), dynamics.input_mean, dynamics.input_std).to(device)
         dice_opt = dice_optimizer(dice, hp.dice_lr, dice_config)
         dice_next_obs = dynamics.elite_mean_next_obs(real_obs, real_act)
-        train_dice(dice, dice_opt, real_obs, real_act, dice_next_obs, real_obs, sample_action, args.dice.pretrain_steps, dice_config, hp.dice_lambda)
+        if checkpoint is None:
+            train_dice(dice, dice_opt, real_obs, real_act, dice_next_obs, real_obs, sample_action, args.dice.pretrain_steps, dice_config, hp.dice_lambda)
+    # Fixed dataset (s, a) for tau's health check; its own generator, so resuming draws the same ones.
+    health_idx = torch.randperm(real.size, generator=torch.Generator().manual_seed(args.seed))[:10_000].to(device)
 
-    health_idx = torch.randperm(real.size, device=device)[:10_000]  # fixed dataset (s, a) for tau's health check
-    score, run_start = float("nan"), time.perf_counter()
-    progress = trange(hp.epochs, desc=f"drop {data.name}", unit="epoch")
-    for epoch in progress:
-        epoch_start = time.perf_counter()
-        health = {}
-        if dice is not None:
-            objective = train_dice(dice, dice_opt, real_obs, real_act, dice_next_obs, real_obs, sample_action, hp.dice_steps, dice_config, hp.dice_lambda)
-            writer.add_scalar("dice/objective", objective.mean().item(), epoch)
-            # GradientDICE's constraint makes E_D[tau] = 1 for every policy; far from 1 means the estimate failed.
-            with torch.no_grad():
-                health["tau_data"] = dice.ratio(real_obs[health_idx], real_act[health_idx]).mean().item()
-            writer.add_scalar("dice/tau_data_mean", health["tau_data"], epoch)
-        last_rollout, loss_sums = {}, {}
-        for step in range(args.steps_per_epoch):
-            if step % args.rollout_freq == 0:
-                start_obs = real_obs[torch.randint(real.size, (args.rollout_batch_size,), device=device)]
-                for name, value in rollout(dynamics, agent, dice, start_obs, hp, args, terminated_fn, model_buffer).items():
-                    writer.add_scalar(f"rollout/{name}", value, epoch * args.steps_per_epoch + step)
-                    last_rollout[name] = value
-            losses = agent.update(mixed_batch(real, model_buffer, args.sac.batch_size, args.real_ratio))
-            for name, value in losses.items():
-                loss_sums[name] = loss_sums.get(name, 0.0) + value
-        for name, value in loss_sums.items():  # one host sync per epoch, not per update
-            writer.add_scalar(f"sac/{name}", (value / args.steps_per_epoch).item(), epoch)
-        writer.add_scalar("charts/epoch_seconds", time.perf_counter() - epoch_start, epoch)
-        health.update(penalty=last_rollout["penalty_mean"], bonus=last_rollout["bonus_fraction"])
-        if "tau_mean" in last_rollout:
-            health.update(tau_rollout=last_rollout["tau_mean"], below=last_rollout.get("tau_below_clip", 0.0), above=last_rollout.get("tau_above_clip", 0.0))
+    progress, eval_history, wall_offset = EpochProgress(), [], 0.0
+    if checkpoint:
+        restore_checkpoint(checkpoint, agent, dice, dice_opt, model_buffer)
+        progress = EpochProgress(**checkpoint["epoch_progress"])
+        progress.loss_sums = {name: value.to(device) for name, value in progress.loss_sums.items()}
+        eval_history, wall_offset = checkpoint["eval_history"], checkpoint["wall_seconds"]
+        if args.seed == checkpoint["args"]["seed"]:
+            set_rng_state(checkpoint["rng"])  # the exact continuation; a new --seed takes another path from here
+        write_progress(os.path.join(run_dir, "progress.csv"), eval_history)
+        print(f"resuming {run_dir} at epoch {start_epoch + 1} (update {progress.step}) of {hp.epochs}")
+        del checkpoint  # the model buffer now lives in model_buffer; let the mapped file go
+    save_every = args.save_every or args.eval_every
+    run_start = time.perf_counter() - wall_offset
+    save = lambda epoch: save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent, dice, dice_opt, model_buffer, args, data, hp, epoch, progress,
+                                         eval_history, dynamics_path, data_sha256, time.perf_counter() - run_start)
 
-        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == hp.epochs:
-            returns = evaluate(agent.actor, make_eval_env(data), args.eval_episodes, seed=args.seed * 1000)
-            scores = normalized_score(data.family, returns)
-            score = float(scores.mean())
-            writer.add_scalar("eval/return", returns.mean(), epoch)
-            writer.add_scalar("eval/normalized_score", score, epoch)
-            writer.add_scalar("eval/normalized_score_std", scores.std(), epoch)
-            save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent, dice, args, data, epoch, score)
-            append_progress(os.path.join(run_dir, "progress.csv"), {
-                "epoch": epoch, "normalized_score": score, "normalized_score_std": float(scores.std()), "return": float(returns.mean()),
-                "wall_seconds": round(time.perf_counter() - run_start, 1), "penalty_mean": last_rollout["penalty_mean"],
-                "rollout_tau_mean": last_rollout.get("tau_mean", float("nan")),
-            })
-        progress.set_postfix({name: f"{value:.2f}" for name, value in health.items()} | {"score": f"{score:.1f}"})
-    writer.close()
+    def stop_here(last_epoch: int, signum: int):
+        writer.flush()  # TensorBoard must hold every step before the checkpoint's, or they are lost for good
+        save(last_epoch)
+        where = f"in epoch {last_epoch + 2} after update {progress.step}" if progress.step else f"after epoch {last_epoch + 1}"
+        print(f"stopped {where} of {hp.epochs}; continue with: python drop.py --resume {run_dir}", flush=True)
+        raise SystemExit(128 + signum)
+
+    bar = tqdm(total=hp.epochs, initial=start_epoch, desc=f"drop {data.name}", unit="epoch")
+    with StopOnSignal() as stop, writer:  # the writer closes (flushes) however the loop ends
+        for epoch in range(start_epoch, hp.epochs):
+            epoch_start = time.perf_counter()
+            if dice is not None and progress.step == 0:
+                objective = train_dice(dice, dice_opt, real_obs, real_act, dice_next_obs, real_obs, sample_action, hp.dice_steps, dice_config, hp.dice_lambda)
+                # GradientDICE's constraint makes E_D[tau] = 1 for every policy; far from 1 means the estimate failed.
+                with torch.no_grad():
+                    tau_data = dice.ratio(real_obs[health_idx], real_act[health_idx]).mean()
+                progress.dice = {"objective": objective.mean().item(), "tau_data_mean": tau_data.item()}
+                check_finite(progress.dice, "dice/", epoch, run_dir)
+            for step in range(progress.step, args.steps_per_epoch):
+                if step % args.rollout_freq == 0:
+                    start_obs = real_obs[torch.randint(real.size, (args.rollout_batch_size,), device=device)]
+                    progress.rollouts.append(rollout(dynamics, agent, dice, start_obs, hp, args, terminated_fn, model_buffer))
+                    check_finite(progress.rollouts[-1], "rollout/", epoch, run_dir)
+                losses = agent.update(mixed_batch(real, model_buffer, args.sac.batch_size, args.real_ratio))
+                for name, value in losses.items():
+                    progress.loss_sums[name] = progress.loss_sums.get(name, 0.0) + value
+                progress.step = step + 1
+                if stop.requested:
+                    check_finite({name: value.item() for name, value in progress.loss_sums.items()}, "sac/", epoch, run_dir)
+                    stop_here(epoch - 1, stop.requested)
+
+            # The epoch's means, all logged at step `epoch`, one host sync per epoch.
+            sac_means = {name: (value / args.steps_per_epoch).item() for name, value in progress.loss_sums.items()}
+            check_finite(sac_means, "sac/", epoch, run_dir)
+            rollout_means = {name: float(np.mean([r[name] for r in progress.rollouts])) for name in progress.rollouts[0]}
+            for group, values in (("dice", progress.dice), ("rollout", rollout_means), ("sac", sac_means)):
+                for name, value in values.items():
+                    writer.add_scalar(f"{group}/{name}", value, epoch)
+            writer.add_scalar("charts/epoch_seconds", time.perf_counter() - epoch_start, epoch)
+            health = {"tau_data": progress.dice["tau_data_mean"]} if progress.dice else {}
+            health.update(penalty=rollout_means["penalty_mean"], bonus=rollout_means["bonus_fraction"])
+            if "tau_mean" in rollout_means:
+                health.update(tau_rollout=rollout_means["tau_mean"], below=rollout_means.get("tau_below_clip", 0.0), above=rollout_means.get("tau_above_clip", 0.0))
+            progress = EpochProgress()
+
+            final = epoch + 1 == hp.epochs
+            if (epoch + 1) % args.eval_every == 0 or final:
+                returns = evaluate(agent.actor, make_eval_env(data), args.eval_episodes, seed=args.seed * 1000)
+                scores = normalized_score(data.family, returns)
+                eval_history.append({
+                    "epoch": epoch, "normalized_score": float(scores.mean()), "normalized_score_std": float(scores.std()), "return": float(returns.mean()),
+                    "wall_seconds": round(time.perf_counter() - run_start, 1), "penalty_mean": rollout_means["penalty_mean"],
+                    "rollout_tau_mean": rollout_means.get("tau_mean", float("nan")),
+                })
+                for name in ("return", "normalized_score", "normalized_score_std"):
+                    writer.add_scalar(f"eval/{name}", eval_history[-1][name], epoch)
+                write_progress(os.path.join(run_dir, "progress.csv"), eval_history)
+            if (epoch + 1) % save_every == 0 or final:
+                writer.flush()
+                save(epoch)
+            score = eval_history[-1]["normalized_score"] if eval_history else float("nan")
+            bar.update()
+            bar.set_postfix({name: f"{value:.2f}" for name, value in health.items()} | {"score": f"{score:.1f}"})
+            if stop.requested and not final:
+                stop_here(epoch, stop.requested)
+    bar.close()
     print(f"normalized score: {score:.1f} (last eval); checkpoint in {run_dir}")
 
 
 if __name__ == "__main__":
-    import tyro
-
-    main(tyro.cli(Args))
+    main(parse_args(sys.argv[1:]))

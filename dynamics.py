@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from checkpoint import atomic_save
 from nets import EnsembleMLP
 
 
@@ -209,10 +210,8 @@ def train_ensemble(model: ProbabilisticEnsemble, obs: torch.Tensor, act: torch.T
 
 def save_ensemble(model: ProbabilisticEnsemble, path: str, family: str):
     """Atomic save: weights, config and what they were trained for."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     payload = {"state_dict": model.state_dict(), "config": asdict(model.config), "family": family, "obs_dim": model.obs_dim, "act_dim": model.act_dim}
-    torch.save(payload, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    atomic_save(payload, path)
 
 
 def load_ensemble(path: str, family: str, obs_dim: int, act_dim: int, device: torch.device) -> ProbabilisticEnsemble:

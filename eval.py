@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 import tyro
 
+from checkpoint import load_checkpoint
 from datasets import REF_SCORES, DatasetError, make_gym_env, normalized_score
 from sac import Actor, evaluate
 
@@ -27,13 +28,8 @@ class Args:
 
 def load_policy(path: str, env_id: str | None):
     """The actor of a drop.py checkpoint, its metadata and the env to run it on (the checkpoint's own unless `env_id`)."""
-    if not os.path.isfile(path):
-        raise SystemExit(f"error: no checkpoint at {path}; pass a runs/ folder written by drop.py")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        actor_state, family, obs_dim, act_dim = checkpoint["actor"], checkpoint["family"], checkpoint["obs_dim"], checkpoint["act_dim"]
-    except Exception as e:
-        raise SystemExit(f"error: {path} is not a drop.py checkpoint ({type(e).__name__}: {e})")
+    checkpoint = load_checkpoint(path, ("actor", "family", "obs_dim", "act_dim", "eval_env_id", "dataset", "epoch"))
+    actor_state, family, obs_dim, act_dim = checkpoint["actor"], checkpoint["family"], checkpoint["obs_dim"], checkpoint["act_dim"]
     env_id = env_id or checkpoint["eval_env_id"]
     try:
         env = make_gym_env(env_id)

@@ -151,13 +151,17 @@ class SAC:
         self.critic_opt = adam(self.critic.parameters(), config.critic_lr, device)
         self.alpha_opt = adam([self.log_alpha], config.alpha_lr, device)
 
+    @torch.no_grad()
+    def td_target(self, batch: Batch, alpha: torch.Tensor) -> torch.Tensor:
+        """r + gamma * (1 - done) * (min of the target critics - alpha * log pi) at s' with a' ~ pi(s')."""
+        next_act, next_log_prob = self.actor(batch.next_obs)
+        next_q = self.critic_target(batch.next_obs, next_act).min(0).values - alpha * next_log_prob
+        return batch.rew + self.config.gamma * (1.0 - batch.done) * next_q
+
     def update(self, batch: Batch) -> dict[str, torch.Tensor]:
         """One gradient step on critics, actor and temperature. Returns detached losses (no host sync)."""
         alpha = self.log_alpha.exp().detach()
-        with torch.no_grad():
-            next_act, next_log_prob = self.actor(batch.next_obs)
-            next_q = self.critic_target(batch.next_obs, next_act).min(0).values - alpha * next_log_prob
-            target_q = batch.rew + self.config.gamma * (1.0 - batch.done) * next_q
+        target_q = self.td_target(batch, alpha)
         critic_loss = ((self.critic(batch.obs, batch.act) - target_q) ** 2).mean(1).sum()
         self.critic_opt.zero_grad(set_to_none=True)
         critic_loss.backward()
@@ -210,8 +214,12 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def start_run(run_name: str, args, track: bool, project: str):
-    """TensorBoard writer under runs/{run_name}, plus wandb mirroring with --track."""
+def start_run(run_dir: str, args, track: bool, project: str, purge_step: int | None = None):
+    """TensorBoard writer in run_dir, plus wandb mirroring with --track.
+
+    A resumed run passes purge_step, its first step: TensorBoard then hides whatever the stopped
+    run logged at that step or later, so no step appears twice.
+    """
     from torch.utils.tensorboard import SummaryWriter
 
     if track:
@@ -219,9 +227,10 @@ def start_run(run_name: str, args, track: bool, project: str):
             import wandb
         except ImportError:
             raise SystemExit("error: --track needs wandb: pip install wandb")
-        wandb.init(project=project, name=run_name, config=asdict(args), sync_tensorboard=True)
-    writer = SummaryWriter(os.path.join("runs", run_name))
-    writer.add_text("args", "\n".join(f"{k}: {v}" for k, v in asdict(args).items()))
+        wandb.init(project=project, name=os.path.basename(run_dir), config=asdict(args), sync_tensorboard=True)
+    writer = SummaryWriter(run_dir, purge_step=purge_step)
+    if purge_step is None:
+        writer.add_text("args", "\n".join(f"{k}: {v}" for k, v in asdict(args).items()))
     return writer
 
 
@@ -266,7 +275,7 @@ def main(args: Args):
     seed_everything(args.seed)
     device = pick_device(args.device)
     run_name = args.run_name or f"sac__{args.env}__{args.seed}__{int(time.time())}"
-    writer = start_run(run_name, args, args.track, "drop-sac")
+    writer = start_run(os.path.join("runs", run_name), args, args.track, "drop-sac")
     obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     action_scale = env.action_space.high
     agent = SAC(obs_dim, act_dim, args.sac, device)
