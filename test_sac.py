@@ -1,6 +1,7 @@
 """SAC: the tanh-Gaussian log-density is right, exported actors act the same in numpy, and
 online sac.py learns a cheap task (slow; `python -m pytest -m slow test_sac.py`)."""
 
+import copy
 import os
 import re
 import subprocess
@@ -13,7 +14,7 @@ from torch.distributions import Normal, TransformedDistribution
 from torch.distributions.transforms import TanhTransform
 
 from datasets import TanhGaussianPolicy
-from sac import Actor
+from sac import SAC, Actor, Batch, SACConfig
 
 torch.set_num_threads(1)
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -40,6 +41,72 @@ def test_exported_actor_acts_the_same_in_numpy(tmp_path):
     np.savez(path, **actor.to_npz_arrays())
     obs = np.random.default_rng(0).normal(size=11).astype(np.float32)
     assert np.allclose(TanhGaussianPolicy.load(path).act(obs), actor.act(obs), atol=1e-5)
+
+
+def small_agent(**config) -> SAC:
+    torch.manual_seed(0)
+    agent = SAC(4, 2, SACConfig(hidden=16, **config), torch.device("cpu"))
+    with torch.no_grad():  # targets that differ from the critics, so using one for the other shows
+        for param in agent.critic_target.parameters():
+            param.add_(0.3 * torch.randn_like(param))
+        agent.log_alpha.fill_(-0.5)
+    return agent
+
+
+def batch_of(n: int, done: list[float]) -> Batch:
+    generator = torch.Generator().manual_seed(1)
+    return Batch(torch.randn(n, 4, generator=generator), torch.rand(n, 2, generator=generator) * 2 - 1,
+                 torch.randn(n, generator=generator), torch.randn(n, 4, generator=generator), torch.tensor(done))
+
+
+def test_td_target_bootstraps_from_the_target_critics_min_and_stops_only_at_done():
+    """y = r + gamma * (1 - done) * (min_i Q'_i(s', a') - alpha * log pi(a'|s')), a' ~ pi(s').
+
+    Catches: done ignored, (1 - done) inverted, max instead of min, the online critic instead of
+    the target, the entropy term dropped or added, gamma dropped.
+    """
+    agent, batch = small_agent(gamma=0.9), batch_of(6, [1.0, 0.0, 1.0, 0.0, 0.0, 1.0])
+    alpha = agent.log_alpha.exp().detach()
+    torch.manual_seed(2)
+    target = agent.td_target(batch, alpha)
+    torch.manual_seed(2)
+    next_act, next_log_prob = agent.actor(batch.next_obs)
+    with torch.no_grad():
+        bootstrap = agent.critic_target(batch.next_obs, next_act).min(0).values - alpha * next_log_prob
+    done = batch.done.bool()
+    assert torch.equal(target[done], batch.rew[done])
+    assert torch.allclose(target[~done], batch.rew[~done] + 0.9 * bootstrap[~done], atol=1e-6)
+
+
+def test_update_regresses_on_the_td_target_steps_the_actor_uphill_and_moves_the_target_by_polyak():
+    """The critic loss uses td_target; the actor loss is alpha log pi - min Q; target <- (1 - polyak) target + polyak critic.
+
+    Catches: another target in update, the actor loss's sign or max instead of min, polyak's direction.
+    """
+    agent, batch = small_agent(polyak=0.1), batch_of(32, [0.0] * 16 + [1.0] * 16)
+    before = copy.deepcopy(agent)
+    alpha = agent.log_alpha.exp().detach()
+    torch.manual_seed(3)
+    losses = agent.update(batch)
+    torch.manual_seed(3)
+    target = before.td_target(batch, alpha)
+    act, log_prob = before.actor(batch.obs)
+    with torch.no_grad():
+        assert torch.allclose(losses["critic_loss"], ((before.critic(batch.obs, batch.act) - target) ** 2).mean(1).sum(), rtol=1e-5)
+        # The actor step sees the critic after its own step (which the actor step does not change).
+        assert torch.allclose(losses["actor_loss"], (alpha * log_prob - agent.critic(batch.obs, act).min(0).values).mean(), rtol=1e-5)
+        for old, new, critic in zip(before.critic_target.parameters(), agent.critic_target.parameters(), agent.critic.parameters()):
+            assert torch.allclose(new, 0.9 * old + 0.1 * critic, atol=1e-6)
+
+
+@pytest.mark.parametrize("target_entropy, direction", [(100.0, 1), (-100.0, -1)])
+def test_temperature_rises_when_entropy_is_below_target(target_entropy, direction):
+    """Catches: the sign of the temperature loss (alpha must grow when the policy is less random than the target)."""
+    agent = small_agent()
+    agent.target_entropy = target_entropy
+    before = agent.log_alpha.item()
+    agent.update(batch_of(32, [0.0] * 32))
+    assert direction * (agent.log_alpha.item() - before) > 0
 
 
 @pytest.mark.slow

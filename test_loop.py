@@ -1,0 +1,243 @@
+"""The DROP loop means what the paper says: each line that carries the algorithm is pinned by an exact value.
+
+Stand-ins make the expected values exact. `StepEnsemble` is a dynamics ensemble whose member m
+moves every state by a known offset, predicts a known reward and a known, state-dependent std;
+a real GradientDICE whose tau heads have zero weights returns a fixed tau_g per head. Every test
+says which one-line changes to drop.py it catches; each of those changes was made and seen to fail.
+"""
+
+import math
+import types
+
+import pytest
+import torch
+import tyro
+
+import datasets
+import drop
+from dice import GradientDICE
+from dynamics import DynamicsConfig, MemberGroups, ProbabilisticEnsemble
+from sac import ReplayBuffer
+
+torch.set_num_threads(1)
+OBS_DIM, ACT_DIM = 3, 2
+ELITES = [3, 0, 2]  # member ids of the elites, in elite order; member 1 is not an elite
+OFFSETS = torch.tensor([[1.0, 0, 0], [50.0, 0, 0], [3.0, 0, 0], [4.0, 0, 0]])  # member m moves s by OFFSETS[m]
+REWARDS = torch.tensor([0.5, 9.0, 2.5, -1.0])  # member m predicts reward REWARDS[m]
+TAU = torch.tensor([0.001, 0.5, 100.0])  # DICE head g (of elite g): below, inside and above the clip [0.01, 10]
+
+
+class StepEnsemble(ProbabilisticEnsemble):
+    """An ensemble with known outputs: mean (OFFSETS[m], REWARDS[m]); std STDS[m] * (1 + |s_0|) on each state dim, 0 on the reward."""
+
+    def __init__(self, stds: list[float], offsets: torch.Tensor = OFFSETS):
+        super().__init__(OBS_DIM, ACT_DIM, DynamicsConfig(num_members=4, num_elites=3, hidden=8))
+        self.elites.copy_(torch.tensor(ELITES))
+        self.stds, self.offsets = torch.tensor(stds), offsets
+
+    def forward(self, obs, act, members=None):
+        members = torch.arange(4) if members is None else members
+        if obs.dim() == 2:
+            obs = obs.expand(len(members), -1, -1)
+        shape = (*obs.shape[:2], 1)
+        mean = torch.cat([self.offsets[members][:, None, :].expand(*obs.shape[:2], -1), REWARDS[members][:, None, None].expand(shape)], -1)
+        std = self.stds[members][:, None, None] * (1 + obs[..., :1].abs())
+        logvar = torch.cat([(2 * std.log()).expand(*obs.shape[:2], OBS_DIM), torch.full(shape, -math.inf)], -1)
+        return mean, logvar
+
+
+def fixed_tau_dice(tau: torch.Tensor) -> GradientDICE:
+    dice = GradientDICE(OBS_DIM, ACT_DIM, len(tau), 8, torch.zeros(OBS_DIM + ACT_DIM), torch.ones(OBS_DIM + ACT_DIM))
+    with torch.no_grad():
+        dice.tau.output.weight.zero_()
+        dice.tau.output.bias.copy_(tau.view(-1, 1, 1))
+    return dice
+
+
+ZERO_POLICY = types.SimpleNamespace(actor=lambda obs: (torch.zeros(len(obs), ACT_DIM), None))
+NEVER_TERMINATED = lambda next_obs: torch.zeros(len(next_obs), dtype=torch.bool)
+
+
+def run_rollout(penalty: str, dynamics, dice=None, horizon=1, eta=2.5, transform="log", clip=(0.01, 10.0), terminated_fn=NEVER_TERMINATED, num_starts=600):
+    torch.manual_seed(0)
+    hp = drop.TaskDefaults(horizon=horizon, eta=eta, dice_steps=1, dice_lr=1e-4, dice_lambda=0.1, clip=clip, transform=transform, epochs=1)
+    buffer = ReplayBuffer(num_starts * horizon, OBS_DIM, ACT_DIM, torch.device("cpu"))
+    start_obs = torch.randn(num_starts, OBS_DIM)
+    summary = drop.rollout(dynamics, ZERO_POLICY, dice, start_obs, hp, drop.Args(penalty=penalty), terminated_fn, buffer)
+    rows = {name: getattr(buffer, name)[: buffer.size] for name in ("obs", "act", "rew", "next_obs", "done")}
+    return rows, summary, start_obs
+
+
+def member_of(rows) -> torch.Tensor:
+    """Which member produced each stored transition: its offset is unique."""
+    return ((rows["next_obs"] - rows["obs"])[:, None, :] - OFFSETS).abs().sum(-1).argmin(1)
+
+
+@pytest.mark.parametrize(
+    "transform, clip, expected_penalty",
+    [
+        ("log", (0.01, 10.0), lambda tau: tau.clamp(0.01, 10.0).log()),
+        ("tanh-shift", None, lambda tau: torch.tanh(tau - 1)),
+        ("tanh-offset", (0.01, 10.0), lambda tau: torch.tanh(tau.clamp(0.01, 10.0)) - math.tanh(1.0)),
+    ],
+)
+def test_drop_stores_reward_minus_eta_times_the_penalty_of_the_producing_members_head(transform, clip, expected_penalty):
+    """Stored r = r_m - eta * u(tau_g) with g the elite that stepped the sample.
+
+    Catches: + instead of -, eta dropped or squared, the clip dropped or moved after the
+    transform, another transform, the penalty of head 0 (or the mean of all heads) for every
+    sample, and the reward or step of one member paired with the head of another.
+    """
+    dynamics = StepEnsemble(stds=[0.0] * 4)
+    rows, _, _ = run_rollout("drop", dynamics, fixed_tau_dice(TAU), transform=transform, clip=clip)
+    member = member_of(rows)
+    elite = torch.tensor([ELITES.index(m) for m in member.tolist()])
+    assert set(elite.tolist()) == {0, 1, 2}, "every elite must have stepped some samples"
+    expected = REWARDS[member] - 2.5 * expected_penalty(TAU[elite])
+    assert torch.allclose(rows["rew"], expected, atol=1e-6)
+    assert torch.equal(rows["next_obs"], rows["obs"] + OFFSETS[member])
+
+
+def test_samples_step_only_with_elites():
+    """Catches: sampling the member among all members instead of the elites (member 1 is not an elite)."""
+    rows, _, _ = run_rollout("none", StepEnsemble(stds=[0.0] * 4))
+    assert 1 not in member_of(rows).tolist()
+
+
+def test_mopo_penalty_is_the_largest_std_norm_over_the_elites():
+    """u(s, a) = max over elites of ||std_e(s, a)||. Member 1 (not an elite) has the largest std.
+
+    Catches: the mean over elites, all members instead of the elites, the max of the std
+    instead of its norm, the variance instead of the std, + instead of -.
+    """
+    stds = [0.1, 5.0, 0.3, 0.2]
+    rows, _, _ = run_rollout("mopo", StepEnsemble(stds=stds), eta=0.7)
+    largest_elite_std = max(stds[m] for m in ELITES)
+    u = largest_elite_std * (1 + rows["obs"][:, 0].abs()) * math.sqrt(OBS_DIM)
+    # The states are noisy here, so the producing member shows in the reward: r + eta * u must be an elite's reward.
+    model_reward = rows["rew"] + 0.7 * u
+    assert ((model_reward[:, None] - REWARDS[ELITES]).abs().min(1).values < 1e-5).all()
+
+
+def test_none_stores_the_model_reward_unchanged():
+    """Catches: any penalty in MBPO mode."""
+    rows, _, _ = run_rollout("none", StepEnsemble(stds=[0.0] * 4))
+    assert torch.equal(rows["rew"], REWARDS[member_of(rows)])
+
+
+def test_terminated_samples_stop_and_only_terminations_are_done():
+    """Step t+1 starts from exactly the non-terminated next states of step t; done = terminated_fn(s').
+
+    Catches: rolling terminated samples on, stopping the survivors instead, done left at 0,
+    done set at the end of the horizon (a truncation), a horizon off by one.
+    """
+    terminated = lambda next_obs: next_obs[:, 1] > 0.5
+    rows, summary, start_obs = run_rollout("none", StepEnsemble(stds=[0.0] * 4), horizon=3, terminated_fn=terminated)
+    # Offsets move only dim 0, so a sample terminates at its first step or never.
+    assert torch.equal(rows["done"], terminated(rows["next_obs"]).float())
+    first = len(start_obs)
+    alive = rows["next_obs"][:first][rows["done"][:first] == 0]
+    assert 0 < len(alive) < first
+    assert len(rows["obs"]) == first + 2 * len(alive)
+    assert torch.equal(rows["obs"][first : first + len(alive)], alive)
+    assert summary["length_mean"] == pytest.approx(len(rows["obs"]) / first)
+
+
+def test_without_terminations_every_start_runs_the_whole_horizon():
+    rows, summary, start_obs = run_rollout("none", StepEnsemble(stds=[0.0] * 4), horizon=4)
+    assert len(rows["obs"]) == 4 * len(start_obs) and summary["length_mean"] == 4
+    assert rows["done"].sum() == 0
+
+
+def test_a_non_finite_model_state_shows_in_the_summary():
+    """drop.py stops on a non-finite rollout summary; a NaN state must reach it even when its sample terminates."""
+    offsets = OFFSETS.clone()
+    offsets[ELITES[0], 2] = math.nan
+    _, summary, _ = run_rollout("none", StepEnsemble([0.0] * 4, offsets), terminated_fn=lambda s: ~torch.isfinite(s).all(-1))
+    assert math.isnan(summary["state_abs_max"])
+
+
+def marked_buffer(rows: int, reward: float) -> ReplayBuffer:
+    buffer = ReplayBuffer(rows, OBS_DIM, ACT_DIM, torch.device("cpu"))
+    buffer.add(torch.randn(rows, OBS_DIM), torch.randn(rows, ACT_DIM), torch.full((rows,), reward), torch.randn(rows, OBS_DIM), torch.zeros(rows))
+    return buffer
+
+
+@pytest.mark.parametrize("batch_size, real_ratio", [(256, 0.05), (100, 0.5), (64, 0.0), (10, 1.0)])
+def test_each_sac_batch_has_exactly_int_batch_times_ratio_real_rows(batch_size, real_ratio):
+    """Catches: real data left out, round() instead of int() (256 * 0.05 = 12.8), the ratio inverted, a short batch."""
+    real, model = marked_buffer(500, 1.0), marked_buffer(500, -1.0)
+    batch = drop.mixed_batch(real, model, batch_size, real_ratio)
+    assert len(batch.rew) == batch_size
+    assert int((batch.rew == 1.0).sum()) == int(batch_size * real_ratio)
+
+
+def test_real_data_is_done_only_at_terminals_not_timeouts():
+    """Catches: timeouts (time-limit truncations) stored as done, which would stop bootstrapping there."""
+    data = types.SimpleNamespace(
+        observations=torch.randn(4, OBS_DIM).numpy(), actions=torch.randn(4, ACT_DIM).numpy(), rewards=torch.arange(4.0).numpy(),
+        next_observations=torch.randn(4, OBS_DIM).numpy(), terminals=torch.tensor([0, 1, 0, 0]).bool().numpy(),
+        timeouts=torch.tensor([0, 0, 1, 0]).bool().numpy(), obs_dim=OBS_DIM, act_dim=ACT_DIM,
+    )
+    buffer = drop.real_buffer(data, torch.device("cpu"))
+    assert buffer.done.tolist() == [0.0, 1.0, 0.0, 0.0]
+    assert torch.equal(buffer.next_obs, torch.as_tensor(data.next_observations))
+
+
+def test_model_buffer_keeps_retain_epochs_of_rollouts():
+    args = drop.Args(rollout_batch_size=100, model_retain_epochs=5, steps_per_epoch=1000, rollout_freq=250)
+    assert drop.model_buffer_capacity(args, horizon=5) == 100 * 5 * 5 * 4
+
+
+# ---------------------------------------------------------------------------------------------
+# The order of one epoch, watched on a tiny real run.
+
+
+def test_epoch_order_dice_then_rollout_then_updates_under_the_current_policy(hopper_file, tmp_path, monkeypatch):
+    """Per epoch: DICE trained (dice_steps, under the current policy), then rollouts every rollout_freq updates, each
+    update on a batch with int(batch * real_ratio) rows of real data; DICE pretrained once, before epoch 1.
+
+    Catches: DICE after the rollout it penalises (or after the updates, Algorithm 1's order), DICE on a stale
+    copy of the policy, DICE skipped or trained only once, the pretraining dropped, rollouts at another rate,
+    real data left out of the batches in the loop itself.
+    """
+    monkeypatch.chdir(tmp_path)
+    events, agents = [], []
+    real_actions = torch.as_tensor(datasets.load_dataset("hopper-medium-v2", hopper_file).actions)
+
+    class WatchedSAC(drop.SAC):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            agents.append(self)
+
+        def update(self, batch):
+            is_real = (batch.act[:, None, :] == real_actions[None]).all(-1).any(-1)
+            events.append(("update", int(is_real.sum())))
+            return super().update(batch)
+
+    def watched_train_dice(dice, optimizer, obs, act, next_obs, init_obs, policy, steps, *rest):
+        probe = obs[:8]
+        with torch.random.fork_rng():
+            torch.manual_seed(1)
+            given = policy(probe)
+            torch.manual_seed(1)
+            current = agents[0].actor(probe)[0]
+        events.append(("dice", steps, torch.equal(given, current)))
+        return train_dice(dice, optimizer, obs, act, next_obs, init_obs, policy, steps, *rest)
+
+    def watched_rollout(*a, **k):
+        events.append(("rollout",))
+        return rollout(*a, **k)
+
+    train_dice, rollout = drop.train_dice, drop.rollout
+    monkeypatch.setattr(drop, "SAC", WatchedSAC)
+    monkeypatch.setattr(drop, "train_dice", watched_train_dice)
+    monkeypatch.setattr(drop, "rollout", watched_rollout)
+    argv = ["--env", "hopper-medium-v2", "--dataset", hopper_file, "--epochs", "2", "--steps-per-epoch", "6", "--rollout-freq", "3",
+            "--dice-steps", "4", "--dice.pretrain-steps", "7", "--real-ratio", "0.25", "--sac.batch-size", "16", "--eval-every", "2",
+            "--eval-episodes", "1", "--rollout-batch-size", "50", "--sac.hidden", "16", "--dice.hidden", "8", "--dynamics.num-members", "3",
+            "--dynamics.num-elites", "2", "--dynamics.hidden", "16", "--dynamics.max-epochs", "1", "--run-name", "order"]  # fmt: skip
+    drop.main(tyro.cli(drop.Args, args=argv))
+    update = ("update", 4)  # int(16 * 0.25) real rows
+    epoch = [("dice", 4, True), ("rollout",), update, update, update, ("rollout",), update, update, update]
+    assert events == [("dice", 7, True), *epoch, *epoch]
