@@ -447,10 +447,6 @@ def main(args: Args):
     else:
         run_dir = os.path.join("runs", args.run_name or f"drop__{data.name.replace('/', '_')}__{args.penalty}__{args.seed}__{int(time.time())}")
     check_writable(run_dir, "runs folder", "run from a folder you can write to, or free some space")
-    start_epoch = checkpoint["epoch"] + 1 if checkpoint else 0
-    writer = start_run(run_dir, args, args.track, "drop", purge_step=start_epoch if checkpoint else None)
-    if checkpoint is None:
-        writer.add_text("task_hyperparameters", str(hp))
     print(f"{data.name} ({data.source}, {len(data.observations)} transitions) -> {run_dir}\n{hp}")
     real = real_buffer(data, device)
     real_obs, real_act = real.obs[: real.size], real.act[: real.size]
@@ -465,6 +461,10 @@ def main(args: Args):
         dynamics, dynamics_path = trained_dynamics(args, data, real, data_sha256, run_dir, device)
     dynamics.requires_grad_(False)
     terminated_fn = TERMINATION_FNS[data.family]
+    start_epoch = checkpoint["epoch"] + 1 if checkpoint else 0
+    writer = start_run(run_dir, args, args.track, "drop", purge_step=start_epoch if checkpoint else None)
+    if checkpoint is None:
+        writer.add_text("task_hyperparameters", str(hp))
 
     agent = SAC(data.obs_dim, data.act_dim, args.sac, device)
     model_buffer = ReplayBuffer(model_buffer_capacity(args, hp.horizon), data.obs_dim, data.act_dim, device)
@@ -505,8 +505,12 @@ def main(args: Args):
         print(f"stopped {where} of {hp.epochs}; continue with: python drop.py --resume {run_dir}", flush=True)
         raise SystemExit(128 + signum)
 
+    def sac_means() -> dict[str, float]:
+        """The epoch's mean SAC losses so far (one host sync)."""
+        return {name: (value / max(progress.step, 1)).item() for name, value in progress.loss_sums.items()}
+
     bar = tqdm(total=hp.epochs, initial=start_epoch, desc=f"drop {data.name}", unit="epoch")
-    with StopOnSignal() as stop, writer:  # the writer closes (flushes) however the loop ends
+    with StopOnSignal() as stop, writer, bar:  # however the loop ends, the logs are flushed and an error starts on a line of its own
         for epoch in range(start_epoch, hp.epochs):
             epoch_start = time.perf_counter()
             if dice is not None and progress.step == 0:
@@ -518,6 +522,7 @@ def main(args: Args):
                 check_finite(progress.dice, "dice/", epoch, run_dir)
             for step in range(progress.step, args.steps_per_epoch):
                 if step % args.rollout_freq == 0:
+                    check_finite(sac_means(), "sac/", epoch, run_dir)  # a NaN from the updates is named as such, not by the rollout it spoils
                     start_obs = real_obs[torch.randint(real.size, (args.rollout_batch_size,), device=device)]
                     progress.rollouts.append(rollout(dynamics, agent, dice, start_obs, hp, args, terminated_fn, model_buffer))
                     check_finite(progress.rollouts[-1], "rollout/", epoch, run_dir)
@@ -526,14 +531,14 @@ def main(args: Args):
                     progress.loss_sums[name] = progress.loss_sums.get(name, 0.0) + value
                 progress.step = step + 1
                 if stop.requested:
-                    check_finite({name: value.item() for name, value in progress.loss_sums.items()}, "sac/", epoch, run_dir)
+                    check_finite(sac_means(), "sac/", epoch, run_dir)
                     stop_here(epoch - 1, stop.requested)
 
             # The epoch's means, all logged at step `epoch`, one host sync per epoch.
-            sac_means = {name: (value / args.steps_per_epoch).item() for name, value in progress.loss_sums.items()}
-            check_finite(sac_means, "sac/", epoch, run_dir)
+            sac = sac_means()
+            check_finite(sac, "sac/", epoch, run_dir)
             rollout_means = {name: float(np.mean([r[name] for r in progress.rollouts])) for name in progress.rollouts[0]}
-            for group, values in (("dice", progress.dice), ("rollout", rollout_means), ("sac", sac_means)):
+            for group, values in (("dice", progress.dice), ("rollout", rollout_means), ("sac", sac)):
                 for name, value in values.items():
                     writer.add_scalar(f"{group}/{name}", value, epoch)
             writer.add_scalar("charts/epoch_seconds", time.perf_counter() - epoch_start, epoch)
@@ -563,7 +568,6 @@ def main(args: Args):
             bar.set_postfix({name: f"{value:.2f}" for name, value in health.items()} | {"score": f"{score:.1f}"})
             if stop.requested and not final:
                 stop_here(epoch, stop.requested)
-    bar.close()
     print(f"normalized score: {score:.1f} (last eval); checkpoint in {run_dir}")
 
 
