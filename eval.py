@@ -6,7 +6,6 @@
 import os
 from dataclasses import dataclass
 
-import torch
 import tyro
 
 from checkpoint import load_checkpoint
