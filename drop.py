@@ -1,6 +1,7 @@
 """DROP: Density Ratio regularized Offline Policy learning (model-based offline RL).
 
     python drop.py --env hopper-medium-v2 --eta 1.0
+    python drop.py --resume runs/RUN          # continue a stopped run exactly where it stopped
 
 1. Fit a bootstrapped ensemble of probabilistic dynamics models to the offline data.
 2. Every epoch, train one GradientDICE head per elite member to estimate
@@ -20,6 +21,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Literal
@@ -331,21 +333,23 @@ def flat_fields(args: Args) -> dict:
 
 
 def parse_args(argv: list[str]) -> Args:
-    """The command line; with --resume, the stopped run's own arguments, refusing flags that would change the run."""
+    """The command line; with --resume, the flags given on top of the stopped run's own arguments."""
     import tyro
 
     args = tyro.cli(Args, args=argv)
     if args.resume is None:
         return args
     saved = args_from_dict(load_checkpoint(checkpoint_file(args.resume), RESUME_KEYS, mmap=True)["args"])
-    # Parse again on top of the saved arguments: only flags given now can differ from them.
-    args = tyro.cli(Args, args=argv, default=replace(saved, resume=args.resume))
+    return tyro.cli(Args, args=argv, default=replace(saved, resume=args.resume))
+
+
+def refuse_changes(saved: Args, args: Args):
+    """One line naming every argument of a resumed run that differs from the run's own, unless it may change."""
     before, after = flat_fields(saved), flat_fields(args)
-    changed = [name for name, value in after.items() if name not in RESUME_MAY_CHANGE and value != before[name]]
+    changed = [name for name, value in after.items() if name not in RESUME_MAY_CHANGE and value != before.get(name)]
     if changed:
         flags = ", ".join(f"--{name.replace('_', '-')} {after[name]}" for name in changed)
         raise SystemExit(f"error: {flags} would change the run that --resume continues; only --seed, the learning rates, --device and --track may change (start a new run for the rest)")
-    return args
 
 
 def dataset_sha256(data: OfflineDataset) -> str:
@@ -396,8 +400,9 @@ class StopOnSignal:
     """Ctrl-C (SIGINT) and SIGTERM ask the loop to stop after the current update; a second Ctrl-C stops at once."""
 
     def __enter__(self):
-        self.requested = None
-        self.previous = {signum: signal.signal(signum, self.request) for signum in (signal.SIGINT, signal.SIGTERM)}
+        self.requested, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():  # Python only lets the main thread handle signals
+            self.previous = {signum: signal.signal(signum, self.request) for signum in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def request(self, signum, frame):
@@ -429,6 +434,7 @@ def main(args: Args):
     checkpoint = None
     if args.resume:
         checkpoint = load_checkpoint(checkpoint_file(args.resume), RESUME_KEYS, mmap=True)
+        refuse_changes(args_from_dict(checkpoint["args"]), args)
         if checkpoint["finished"]:
             print(f"{args.resume} is finished ({checkpoint['epochs']} of {checkpoint['epochs']} epochs); nothing to resume")
             return

@@ -132,10 +132,12 @@ def test_resume_of_a_finished_run_says_so(workdir, uninterrupted, capsys):
 
 def test_resume_refuses_flags_that_change_the_run_and_takes_seed_and_learning_rates(workdir, uninterrupted):
     run = str(workdir / "runs" / "uninterrupted")
-    with pytest.raises(SystemExit, match=r"--eta 2.0 would change the run"):
-        drop.parse_args(["--resume", run, "--eta", "2"])
+    with pytest.raises(SystemExit, match=r"^error: --eta 2.0 would change the run that --resume continues; only --seed"):
+        drop.main(drop.parse_args(["--resume", run, "--eta", "2"]))
     with pytest.raises(SystemExit, match=r"--sac.hidden 64"):
-        drop.parse_args(["--resume", run, "--sac.hidden", "64"])
+        drop.main(drop.parse_args(["--resume", run, "--sac.hidden", "64"]))
+    with pytest.raises(SystemExit, match=r"--penalty none"):  # main itself checks, whoever built the arguments
+        drop.main(drop.Args(resume=run, penalty="none"))
     args = drop.parse_args(["--resume", run, "--seed", "5", "--sac.actor-lr", "1e-5", "--dice-lr", "1e-5", "--eval-episodes", "1"])
     assert (args.seed, args.sac.actor_lr, args.dice_lr, args.sac.hidden) == (5, 1e-5, 1e-5, 32)
     assert drop.parse_args(["--resume", run]) == replace(drop.args_from_dict(uninterrupted["args"]), resume=run)
