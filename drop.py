@@ -507,8 +507,8 @@ def main(args: Args):
     def stop_here(last_epoch: int, signum: int):
         writer.flush()  # TensorBoard must hold every step before the checkpoint's, or they are lost for good
         save(last_epoch)
-        where = f"in epoch {last_epoch + 2} after update {progress.step}" if progress.step else f"after epoch {last_epoch + 1}"
-        print(f"stopped {where} of {hp.epochs}; continue with: python drop.py --resume {run_dir}", flush=True)
+        where = f"in epoch {last_epoch + 2} of {hp.epochs}, after update {progress.step}" if progress.step else f"after epoch {last_epoch + 1} of {hp.epochs}"
+        print(f"stopped {where}; continue with: python drop.py --resume {run_dir}", flush=True)
         raise SystemExit(128 + signum)
 
     def sac_means() -> dict[str, float]:

@@ -16,7 +16,7 @@ import tyro
 import datasets
 import drop
 from dice import GradientDICE
-from dynamics import DynamicsConfig, MemberGroups, ProbabilisticEnsemble
+from dynamics import DynamicsConfig, ProbabilisticEnsemble
 from sac import ReplayBuffer
 
 torch.set_num_threads(1)
