@@ -317,7 +317,7 @@ def restore_checkpoint(checkpoint: dict, agent: SAC, dice: GradientDICE | None, 
 # Keys a checkpoint needs for --resume (eval.py needs fewer).
 RESUME_KEYS = ("args", "epoch", "epochs", "finished", "epoch_progress", "model_buffer", "rng", "actor_opt", "dynamics_path", "eval_history")
 # What a resumed run may change: the way out of a NaN (another seed, smaller steps) and where it runs.
-RESUME_MAY_CHANGE = {"resume", "seed", "sac.actor_lr", "sac.critic_lr", "sac.alpha_lr", "dice_lr", "device", "track"}
+RESUME_MAY_CHANGE = {"resume", "seed", "sac.actor_lr", "sac.critic_lr", "sac.alpha_lr", "dice_lr", "dice.f_lr", "dice.nu_lr", "device", "track"}
 
 
 def checkpoint_file(run: str) -> str:

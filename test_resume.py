@@ -216,9 +216,11 @@ def test_a_nan_stops_the_run_naming_epoch_and_quantity_and_resume_with_another_s
             drop.main(tyro.cli(drop.Args, args=argv))
     checkpoint = load(tmp_path / "runs" / "nan" / "checkpoint.pt")
     assert checkpoint["epoch"] == 0 and all(torch.isfinite(v).all() for v in checkpoint["actor"].values())
-    drop.main(drop.parse_args(["--resume", "runs/nan", "--seed", "1"]))
+    drop.main(drop.parse_args(["--resume", "runs/nan", "--seed", "1", "--sac.critic-lr", "1e-4", "--dice.nu-lr", "1e-3"]))
     resumed = load(tmp_path / "runs" / "nan" / "checkpoint.pt")
     assert resumed["finished"] and resumed["args"]["seed"] == 1
+    assert [group["lr"] for group in resumed["critic_opt"]["param_groups"]] == [1e-4]
+    assert resumed["dice_opt"]["param_groups"][2]["lr"] == 1e-3  # tau, f, nu
 
 
 def test_unwritable_runs_or_cache_folder_is_one_line_before_training(hopper_file, tmp_path, monkeypatch, capsys):
