@@ -452,6 +452,8 @@ def main(args: Args):
         run_dir = os.path.dirname(checkpoint_file(args.resume)) or "."
     else:
         run_dir = os.path.join("runs", args.run_name or f"drop__{data.name.replace('/', '_')}__{args.penalty}__{args.seed}__{int(time.time())}")
+    if not args.resume and os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
+        raise SystemExit(f"error: {run_dir} already holds a run; continue it with `python drop.py --resume {run_dir}`, or pick another --run-name (or delete the folder)")
     check_writable(run_dir, "runs folder", "run from a folder you can write to, or free some space")
     print(f"{data.name} ({data.source}, {len(data.observations)} transitions) -> {run_dir}\n{hp}")
     real = real_buffer(data, device)

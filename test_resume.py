@@ -130,6 +130,12 @@ def test_resume_of_a_finished_run_says_so(workdir, uninterrupted, capsys):
     assert "is finished (4 of 4 epochs)" in capsys.readouterr().out
 
 
+def test_a_new_run_never_overwrites_a_run_folder(workdir, uninterrupted, hopper_file, monkeypatch):
+    monkeypatch.chdir(workdir)
+    with pytest.raises(SystemExit, match=r"^error: runs/uninterrupted already holds a run; continue it with `python drop.py --resume runs/uninterrupted`"):
+        drop.main(tyro.cli(drop.Args, args=drop_argv(hopper_file, "uninterrupted")))
+
+
 def test_resume_refuses_flags_that_change_the_run_and_takes_seed_and_learning_rates(workdir, uninterrupted):
     run = str(workdir / "runs" / "uninterrupted")
     with pytest.raises(SystemExit, match=r"^error: --eta 2.0 would change the run that --resume continues; only --seed"):
