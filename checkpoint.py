@@ -209,7 +209,7 @@ def main(args: Args):
     print(f"write (torch.save + fsync + rename): median {write:.2f} s over {args.repeats} [{min(seconds):.2f}, {max(seconds):.2f}]; "
           f"every {run.eval_every} epochs of ~9 s: {100 * write / (run.eval_every * 9):.2f}% of the run")
     print(f"memory: RSS {rss_before:.0f} MB before writing, peak {peak:.0f} MB while writing (+{peak - rss_before:.0f} MB)")
-    print(f"read back (resume: open the file, copy the buffer in): {load_seconds:.2f} s")
+    print(f"read back (resume: open the file, copy the buffer in; file in the page cache): {load_seconds:.2f} s")
 
 
 if __name__ == "__main__":
