@@ -204,7 +204,7 @@ def evaluate_set(run: Run, obs: np.ndarray, act: np.ndarray, states: tuple[np.nd
     obs_t, act_t = torch.as_tensor(obs), torch.as_tensor(act)
     elite = torch.randint(len(run.dynamics.elites), (len(obs),))  # the elite a rollout would draw
     return {
-        "obs": obs, "act": act, "error": model_errors(run.dynamics, obs_t, act_t, elite, true_next_obs),
+        "obs": obs, "act": act, "elite": elite, "error": model_errors(run.dynamics, obs_t, act_t, elite, true_next_obs),
         "penalties": penalties(run, obs_t, act_t, elite), "skipped": int((~keep).sum()),
         "states": "stored infos/qpos, infos/qvel" if states is not None else "rebuilt from observations",
     }
