@@ -12,7 +12,8 @@ clip(tau_k(s, a)), MOPO's the largest std norm over the elites, both from the sa
 Fig. 3: UMAP of dataset state-actions with KDE contours of their density, and 500 rollout samples
 projected with the same map, coloured yellow to red by penalty.
 
-Writes runs/RUN/diagnostics/{fig2.png, fig3.png, diagnostics.json} and prints a table and the times.
+Writes runs/RUN/diagnostics/{fig2.png, fig3.png, diagnostics.json} (and samples.npz, every sample's
+error and penalties) and prints a table and the times.
 """
 
 import json
@@ -282,6 +283,16 @@ def json_ready(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
+def sample_arrays(sets: dict[str, dict]) -> dict[str, np.ndarray]:
+    """Every sample's state-action, elite, error and penalties, so that anyone can recompute the statistics."""
+    arrays = {}
+    for set_name, s in sets.items():
+        arrays.update({f"{set_name}/{key}": np.asarray(s[key]) for key in ("obs", "act", "elite", "error")})
+        for name, values in s["penalties"].items():
+            arrays.update({f"{set_name}/{name}_{key}": value for key, value in values.items()})
+    return arrays
+
+
 def print_table(stats: dict):
     print(f"{'set':8} {'penalty':8} {'n':>6} {'skipped':>7} {'pearson':>8} {'spearman':>8} {'mean':>9} {'tau<s1':>7} {'tau>s2':>7} {'bonus':>6}")
     for set_name in ("dataset", "rollout"):
@@ -351,9 +362,10 @@ def main(args: Args):
         }
         with open(os.path.join(out, "diagnostics.json"), "w") as file:
             json.dump(json_ready(result), file, indent=1, allow_nan=False)
+        np.savez_compressed(os.path.join(out, "samples.npz"), **sample_arrays(sets))
         final = os.path.join(run_dir, "diagnostics")
         os.makedirs(final, exist_ok=True)
-        for name in ("fig2.png", "fig3.png", "diagnostics.json"):
+        for name in ("fig2.png", "fig3.png", "diagnostics.json", "samples.npz"):
             os.replace(os.path.join(out, name), os.path.join(final, name))
     finally:
         shutil.rmtree(out, ignore_errors=True)
@@ -362,7 +374,7 @@ def main(args: Args):
         print(f"note: {note}")
     print_table(stats)
     print("times: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in times.items()))
-    print(f"wrote {final}/fig2.png, fig3.png, diagnostics.json")
+    print(f"wrote {final}/fig2.png, fig3.png, diagnostics.json, samples.npz")
 
 
 if __name__ == "__main__":

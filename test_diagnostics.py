@@ -165,6 +165,16 @@ def assert_figures_and_json(folder, penalties: list[str]) -> dict:
         if "drop" in penalties:
             assert {"tau_below_clip", "tau_above_clip"} <= set(s["drop"])
     assert_finite_numbers(result)
+    # The JSON's statistics, recomputed from the saved samples with plain numpy and scipy.
+    samples = np.load(folder / "samples.npz")
+    for set_name in ("dataset", "rollout"):
+        error = samples[f"{set_name}/error"]
+        assert len(error) == result[set_name]["n"] == len(samples[f"{set_name}/elite"])
+        for name in penalties:
+            values, reported = samples[f"{set_name}/{name}_penalty"], result[set_name][name]
+            assert reported["pearson"] == pytest.approx(np.corrcoef(values, error)[0, 1])
+            assert reported["spearman"] == pytest.approx(stats.spearmanr(values, error)[0])
+            assert reported["mean"] == pytest.approx(values.mean())
     return result
 
 
