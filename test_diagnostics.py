@@ -13,6 +13,7 @@ import sys
 from types import SimpleNamespace
 
 import gymnasium as gym
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -62,6 +63,19 @@ def test_velocity_clip_rule():
     obs[1, 5], obs[2, 10], obs[3, 4] = 10.0, -10.0, 10.0  # obs[4] is a joint angle (nq - 1 = 5), not a velocity
     np.testing.assert_array_equal(diagnostics.at_velocity_clip(obs, 6, "hopper"), [False, True, True, False])
     assert not diagnostics.at_velocity_clip(np.full((2, 17), 50.0), 9, "halfcheetah").any()
+
+
+def test_simulator_states_are_read_from_the_file_or_reported_missing(hopper_file, tmp_path):  # noqa: F811
+    """The stored states are the file's infos/qpos and infos/qvel row for row; a file without them gives None."""
+    data = datasets.load_dataset("hopper-medium-v2", hopper_file)
+    qpos, qvel = datasets.simulator_states(data)
+    with h5py.File(hopper_file, "r") as file:
+        np.testing.assert_array_equal(qpos, file["infos/qpos"][()])
+        np.testing.assert_array_equal(qvel, file["infos/qvel"][()])
+        arrays = {key: file[key][()] for key in datasets.REQUIRED_KEYS}
+    bare = tmp_path / "bare.hdf5"
+    datasets.write_hdf5_atomically(bare, arrays, {})
+    assert datasets.simulator_states(datasets.load_dataset("hopper-medium-v2", str(bare))) is None
 
 
 class OffsetModel:
