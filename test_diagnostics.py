@@ -51,7 +51,8 @@ def test_rebuilt_state_steps_to_the_envs_own_next_observation(env_id):
     qpos, qvel = diagnostics.rebuild_states(data["obs"][keep], nq)
     rebuilt_next = diagnostics.simulate(env, qpos, qvel, data["act"][keep])
     np.testing.assert_allclose(rebuilt_next, data["next_obs"][keep], rtol=0, atol=REPLAY_TOL)
-    if clipped.any():  # the skip is needed: at the clip the true velocity is lost
+    if family == "walker2d":  # random actions drive its joints to the clip (1207 of 1500 steps): there the rebuild is wrong
+        assert clipped.sum() > 100
         qpos, qvel = diagnostics.rebuild_states(data["obs"][clipped], nq)
         wrong = np.abs(diagnostics.simulate(env, qpos, qvel, data["act"][clipped]) - data["next_obs"][clipped]).max(1) > 1e-3
         assert wrong.mean() > 0.5
