@@ -15,6 +15,7 @@
 """
 
 import csv
+import glob
 import hashlib
 import json
 import math
@@ -499,6 +500,8 @@ def main(args: Args):
         if args.seed == checkpoint["args"]["seed"]:
             set_rng_state(checkpoint["rng"])  # the exact continuation; a new --seed takes another path from here
         write_progress(os.path.join(run_dir, "progress.csv"), eval_history)
+        for leftover in glob.glob(os.path.join(run_dir, ".checkpoint.pt.*.tmp")):  # a kill in the middle of a write leaves one
+            os.remove(leftover)
         print(f"resuming {run_dir} at epoch {start_epoch + 1} (update {progress.step}) of {hp.epochs}")
         del checkpoint  # the model buffer now lives in model_buffer; let the mapped file go
     save_every = args.save_every or args.eval_every

@@ -96,11 +96,13 @@ def test_sigkill_mid_epoch_then_resume_gives_exactly_the_uninterrupted_run(hoppe
     stopped = start_and_stop(hopper_file, workdir, "killed", signal.SIGKILL)
     assert stopped.returncode == -signal.SIGKILL
     assert load(workdir / "runs" / "killed" / "checkpoint.pt")["epoch_progress"]["step"] == 0  # periodic checkpoints sit between epochs
+    (workdir / "runs" / "killed" / ".checkpoint.pt.x1y2.tmp").write_bytes(b"PK\x03")  # as a kill during a write leaves it
     resume(workdir, "killed")
     resumed = load(workdir / "runs" / "killed" / "checkpoint.pt")
     for key in WEIGHT_KEYS:
         assert_same(resumed[key], uninterrupted[key], key)
     assert resumed["finished"] and resumed["epoch"] == 3
+    assert not list((workdir / "runs" / "killed").glob("*.tmp"))
     assert [row["epoch"] for row in resumed["eval_history"]] == [1, 3]
     assert_same([row["normalized_score"] for row in resumed["eval_history"]], [row["normalized_score"] for row in uninterrupted["eval_history"]])
     # TensorBoard: every epoch once, no step twice; progress.csv: one row per evaluation.
