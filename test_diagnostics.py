@@ -24,7 +24,7 @@ import diagnostics
 from dice import penalty
 from drop import TaskDefaults
 from sac import Actor
-from test_drop import HERE, runs  # noqa: F401 (fixtures; hopper_file comes from conftest.py)
+from test_drop import HERE, hopper_file, runs  # noqa: F401 (fixtures)
 from test_dynamics import collect
 
 torch.set_num_threads(1)
@@ -66,7 +66,7 @@ def test_velocity_clip_rule():
     assert not diagnostics.at_velocity_clip(np.full((2, 17), 50.0), 9, "halfcheetah").any()
 
 
-def test_simulator_states_are_read_from_the_file_or_reported_missing(hopper_file, tmp_path):
+def test_simulator_states_are_read_from_the_file_or_reported_missing(hopper_file, tmp_path):  # noqa: F811
     """The stored states are the file's infos/qpos and infos/qvel row for row; a file without them gives None."""
     data = datasets.load_dataset("hopper-medium-v2", hopper_file)
     qpos, qvel = datasets.simulator_states(data)

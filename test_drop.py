@@ -41,6 +41,13 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str):
 
 
 @pytest.fixture(scope="module")
+def hopper_file(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("data") / "hopper-small.hdf5"
+    datasets.collect("Hopper-v4", "random", 2000, seed=0, out=path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
 def runs(hopper_file, tmp_path_factory):
     """One tiny run per penalty in one working folder; the first trains the dynamics the others reuse from the cache."""
     workdir = tmp_path_factory.mktemp("work")

@@ -15,6 +15,7 @@ import tyro
 
 import datasets
 import drop
+from test_drop import hopper_file  # noqa: F401 (fixture)
 from dice import GradientDICE
 from dynamics import DynamicsConfig, ProbabilisticEnsemble
 from sac import ReplayBuffer

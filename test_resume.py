@@ -20,7 +20,7 @@ import tyro
 import datasets
 import drop
 from checkpoint import atomic_save
-from test_drop import HERE, TINY, assert_one_line_error, logged_scalars, run_script
+from test_drop import HERE, TINY, assert_one_line_error, hopper_file, logged_scalars, run_script  # noqa: F401 (fixture)
 
 torch.set_num_threads(1)
 # Four epochs of 300 updates: about a second each, so a kill lands inside an epoch.

@@ -12,7 +12,7 @@ import re
 import pytest
 import torch
 
-from test_drop import HERE, TINY, run_script
+from test_drop import HERE, TINY, hopper_file, run_script  # noqa: F401 (fixture)
 
 SCORE = re.compile(r"normalized score: (-?[\d.]+)")
 
