@@ -709,6 +709,37 @@ class Collect:
 
 
 @dataclass
+class Concat:
+    """Join D4RL-format HDF5 files row after row into one (every key, infos/* included)."""
+
+    out: Path
+    """HDF5 file to write (replaced atomically if it exists)."""
+    files: Annotated[tuple[Path, ...], tyro.conf.Positional]
+    """The files to join, in order."""
+    rows_each: int | None = None
+    """Take only the first this many rows of each file (equal parts); default: all rows."""
+
+
+def concat(files: tuple[Path, ...], out: Path, rows_each: int | None = None) -> int:
+    """Write the rows of `files` one after the other to `out`; returns the number of rows written."""
+    parts = []
+    for path in files:
+        arrays, _ = _read_arrays(path)
+        with h5py.File(path, "r") as file:
+            file.visititems(lambda key, item: arrays.setdefault(key, item[()]) if isinstance(item, h5py.Dataset) else None)
+        if rows_each is not None and rows_each > len(arrays["rewards"]):
+            raise DatasetError(f"{path} has {len(arrays['rewards'])} rows, fewer than --rows-each {rows_each}")
+        parts.append({key: array[:rows_each] for key, array in arrays.items()})
+    shared = set.intersection(*(set(part) for part in parts))
+    joined = {key: np.concatenate([part[key] for part in parts]) for key in sorted(shared)}
+    # The cut at the end of each part is a truncation, so no episode runs on into the next file.
+    ends = np.cumsum([len(part["rewards"]) for part in parts]) - 1
+    joined["timeouts"][ends] |= ~joined["terminals"][ends].astype(bool)
+    write_hdf5_atomically(out, joined, {"joined_from": " + ".join(map(str, files)), "rows_each": rows_each or 0})
+    return len(joined["rewards"])
+
+
+@dataclass
 class EvaluatePolicy:
     """Print the deterministic returns of a policy file and their D4RL-normalised score."""
 
@@ -749,8 +780,8 @@ def _print_info(data: OfflineDataset) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     command = tyro.extras.subcommand_cli_from_dict(
-        {"info": Info, "collect": Collect, "evaluate-policy": EvaluatePolicy}, args=argv,
-        description="Offline datasets for DROP: inspect one (info), collect one (collect), score a policy file.",
+        {"info": Info, "collect": Collect, "concat": Concat, "evaluate-policy": EvaluatePolicy}, args=argv,
+        description="Offline datasets for DROP: inspect one (info), collect one (collect), join files (concat), score a policy file.",
     )
     try:
         match command:
@@ -760,6 +791,8 @@ def main(argv: list[str] | None = None) -> None:
                 collect(command.env, command.policy, command.num_transitions, command.seed, command.out,
                         command.max_episode_steps)
                 print(f"wrote {command.num_transitions} transitions to {command.out}")
+            case Concat():
+                print(f"wrote {concat(command.files, command.out, command.rows_each)} rows to {command.out}")
             case EvaluatePolicy():
                 returns = evaluate_policy(TanhGaussianPolicy.load(command.policy), command.env, command.episodes,
                                           command.seed)

@@ -13,18 +13,19 @@
 `--penalty none` removes it (MBPO); both skip step 2.
 """
 
+import csv
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Literal
 
 import numpy as np
 import torch
 
 from datasets import DEFAULT_ENV, DatasetError, OfflineDataset, load_dataset, make_eval_env, normalized_score
-from dice import DiceConfig, GradientDICE, Transform, penalty, train_dice
+from dice import DiceConfig, GradientDICE, Transform, build_dice, dice_optimizer, penalty, resolve, train_dice
 from dynamics import TERMINATION_FNS, DynamicsConfig, MemberGroups, ProbabilisticEnsemble, load_ensemble, save_ensemble, train_ensemble
-from sac import SAC, Batch, ReplayBuffer, SACConfig, adam, evaluate, pick_device, seed_everything, start_run
+from sac import SAC, Batch, ReplayBuffer, SACConfig, evaluate, pick_device, seed_everything, start_run
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ class Args:
     dice_lr: float | None = None
     """GradientDICE Adam learning rate (default: the per-dataset table)"""
     dice_lambda: float | None = None
-    """weight lam of GradientDICE's normalisation constraint (default: the per-dataset table)"""
+    """weight lam of GradientDICE's normalisation constraint (default: --dice.lam, else the per-dataset table)"""
     transform: Transform | None = None
     """penalty transform of tau: log, tanh-shift = tanh(tau-1), tanh-offset = tanh(tau)-tanh(1) (default: table)"""
     clip: tuple[float, float] | None = None
@@ -113,7 +114,17 @@ class Args:
     dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)
     """dynamics ensemble architecture and training"""
     dice: DiceConfig = field(default_factory=DiceConfig)
-    """GradientDICE settings shared by all datasets"""
+    """GradientDICE settings shared by all datasets (--dice.preset checked: the variant that passes the known-answer checks)"""
+
+
+def args_from_dict(values: dict) -> Args:
+    """The Args of a saved run (`asdict(args)` in its checkpoint), nested configs included."""
+    nested = {"sac": SACConfig, "dynamics": DynamicsConfig, "dice": DiceConfig}
+    values = {name: nested[name](**value) if name in nested else value for name, value in values.items()}
+    values["dynamics"].weight_decays = tuple(values["dynamics"].weight_decays)
+    values["clip"] = tuple(values["clip"]) if values.get("clip") is not None else None
+    known = {f.name for f in fields(Args)}
+    return Args(**{name: value for name, value in values.items() if name in known})
 
 
 def task_hyperparameters(args: Args, task: str) -> TaskDefaults:
@@ -123,6 +134,9 @@ def task_hyperparameters(args: Args, task: str) -> TaskDefaults:
     defaults = TASK_DEFAULTS.get(task, TASK_DEFAULTS[f"{family}-medium"])
     overrides = {name: getattr(args, name) for name in ("horizon", "eta", "dice_steps", "dice_lr", "dice_lambda", "clip", "transform", "epochs")}
     hp = replace(defaults, **{name: value for name, value in overrides.items() if value is not None})
+    dice_lambda = resolve(args.dice).lam
+    if args.dice_lambda is None and dice_lambda is not None:
+        hp = replace(hp, dice_lambda=dice_lambda)
     if args.no_clip:
         hp = replace(hp, clip=None)
     if args.penalty == "drop" and hp.transform == "log" and (hp.clip is None or hp.clip[0] <= 0):
@@ -138,23 +152,37 @@ def real_buffer(data: OfflineDataset, device: torch.device) -> ReplayBuffer:
     return buffer
 
 
+def drop_penalty(dice: GradientDICE, obs, act, groups: MemberGroups, hp: TaskDefaults, dice_config: DiceConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """tau of each sample under its own elite's head, and the penalty eta multiplies."""
+    # Head g belongs to elite g, so the grouped layout pairs each sample with its member's head.
+    tau = groups.gather(dice.ratio(groups.scatter(obs), groups.scatter(act)))
+    return tau, penalty(tau, hp.transform, hp.clip, dice_config.below_clip)
+
+
+def mopo_penalty(dynamics: ProbabilisticEnsemble, obs, act) -> torch.Tensor:
+    """MOPO's uncertainty: the largest norm of the predicted std over the elites."""
+    _, logvar = dynamics(obs, act, dynamics.elites)
+    return (0.5 * logvar).exp().norm(dim=-1).max(0).values
+
+
 @torch.no_grad()
 def rollout(dynamics, agent, dice, start_obs, hp: TaskDefaults, args: Args, terminated_fn, buffer: ReplayBuffer) -> dict[str, float]:
-    """h-step rollouts from `start_obs`; each sample steps with a random elite and is penalised, then stored."""
-    num_elites = len(dynamics.elites)
+    """h-step rollouts from `start_obs`; each sample steps with a random elite and is penalised, then stored.
+
+    Returns means over the stored samples, including the penalty's health: how often tau fell
+    outside the clip and how often the "penalty" raised the reward instead of lowering it.
+    """
+    num_elites, dice_config = len(dynamics.elites), resolve(args.dice)
     obs, stats = start_obs, {"reward": [], "penalty": [], "tau": []}
     for _ in range(hp.horizon):
         act, _ = agent.actor(obs)
         groups = MemberGroups(torch.randint(num_elites, (len(obs),), device=obs.device), num_elites)
         next_obs, reward = dynamics.sample_step(obs, act, groups)
         if args.penalty == "drop":
-            # Head g belongs to elite g, so the grouped layout pairs each sample with its member's head.
-            tau = groups.gather(dice.ratio(groups.scatter(obs), groups.scatter(act)))
-            reward_penalty = penalty(tau, hp.transform, hp.clip)
+            tau, reward_penalty = drop_penalty(dice, obs, act, groups, hp, dice_config)
             stats["tau"].append(tau)
         elif args.penalty == "mopo":
-            _, logvar = dynamics(obs, act, dynamics.elites)
-            reward_penalty = (0.5 * logvar).exp().norm(dim=-1).max(0).values
+            reward_penalty = mopo_penalty(dynamics, obs, act)
         else:
             reward_penalty = torch.zeros_like(reward)
         stats["reward"].append(reward)
@@ -164,9 +192,27 @@ def rollout(dynamics, agent, dice, start_obs, hp: TaskDefaults, args: Args, term
         obs = next_obs[~done]
         if len(obs) == 0:
             break
-    summary = {f"{name}_mean": torch.cat(values).mean().item() for name, values in stats.items() if values}
-    summary["length_mean"] = sum(len(r) for r in stats["reward"]) / len(start_obs)
+    stats = {name: torch.cat(values) for name, values in stats.items() if values}
+    summary = {f"{name}_mean": values.mean().item() for name, values in stats.items()}
+    summary["length_mean"] = len(stats["reward"]) / len(start_obs)
+    summary["bonus_fraction"] = (hp.eta * stats["penalty"] < 0).float().mean().item()
+    if "tau" in stats and hp.clip is not None:
+        summary["tau_below_clip"] = (stats["tau"] <= hp.clip[0]).float().mean().item()
+        summary["tau_above_clip"] = (stats["tau"] >= hp.clip[1]).float().mean().item()
     return summary
+
+
+PROGRESS_COLUMNS = ["epoch", "normalized_score", "normalized_score_std", "return", "wall_seconds", "penalty_mean", "rollout_tau_mean"]
+
+
+def append_progress(path: str, row: dict):
+    """One evaluation per row of runs/RUN/progress.csv, so sweeps need not parse TensorBoard."""
+    is_new = not os.path.exists(path)
+    with open(path, "a", newline="") as file:
+        writer = csv.DictWriter(file, PROGRESS_COLUMNS)
+        if is_new:
+            writer.writeheader()
+        writer.writerow(row)
 
 
 def model_buffer_capacity(args: Args, horizon: int) -> int:
@@ -238,33 +284,42 @@ def main(args: Args):
 
     # 2. GradientDICE heads, one per elite. The dynamics are frozen, so each elite's mean
     # next state for every dataset (s, a) is computed once here instead of at every DICE step.
-    dice = None
+    dice, dice_config = None, resolve(args.dice)
     if args.penalty == "drop":
-        num_elites = len(dynamics.elites)
-        dice = GradientDICE(data.obs_dim, data.act_dim, num_elites, args.dice.hidden, dynamics.input_mean, dynamics.input_std).to(device)
-        dice_opt = adam(dice.parameters(), hp.dice_lr, device)
+        dice = build_dice(dice_config, data.obs_dim, data.act_dim, len(dynamics.elites), dynamics.input_mean, dynamics.input_std).to(device)
+        dice_opt = dice_optimizer(dice, hp.dice_lr, dice_config)
         dice_next_obs = dynamics.elite_mean_next_obs(real_obs, real_act)
-        train_dice(dice, dice_opt, real_obs, real_act, dice_next_obs, real_obs, sample_action, args.dice.pretrain_steps, args.dice, hp.dice_lambda)
+        train_dice(dice, dice_opt, real_obs, real_act, dice_next_obs, real_obs, sample_action, args.dice.pretrain_steps, dice_config, hp.dice_lambda)
 
-    score = float("nan")
+    health_idx = torch.randperm(real.size, device=device)[:10_000]  # fixed dataset (s, a) for tau's health check
+    score, run_start = float("nan"), time.perf_counter()
     progress = trange(hp.epochs, desc=f"drop {data.name}", unit="epoch")
     for epoch in progress:
         epoch_start = time.perf_counter()
+        health = {}
         if dice is not None:
-            objective = train_dice(dice, dice_opt, real_obs, real_act, dice_next_obs, real_obs, sample_action, hp.dice_steps, args.dice, hp.dice_lambda)
+            objective = train_dice(dice, dice_opt, real_obs, real_act, dice_next_obs, real_obs, sample_action, hp.dice_steps, dice_config, hp.dice_lambda)
             writer.add_scalar("dice/objective", objective.mean().item(), epoch)
-        loss_sums = {}
+            # GradientDICE's constraint makes E_D[tau] = 1 for every policy; far from 1 means the estimate failed.
+            with torch.no_grad():
+                health["tau_data"] = dice.ratio(real_obs[health_idx], real_act[health_idx]).mean().item()
+            writer.add_scalar("dice/tau_data_mean", health["tau_data"], epoch)
+        last_rollout, loss_sums = {}, {}
         for step in range(args.steps_per_epoch):
             if step % args.rollout_freq == 0:
                 start_obs = real_obs[torch.randint(real.size, (args.rollout_batch_size,), device=device)]
                 for name, value in rollout(dynamics, agent, dice, start_obs, hp, args, terminated_fn, model_buffer).items():
                     writer.add_scalar(f"rollout/{name}", value, epoch * args.steps_per_epoch + step)
+                    last_rollout[name] = value
             losses = agent.update(mixed_batch(real, model_buffer, args.sac.batch_size, args.real_ratio))
             for name, value in losses.items():
                 loss_sums[name] = loss_sums.get(name, 0.0) + value
         for name, value in loss_sums.items():  # one host sync per epoch, not per update
             writer.add_scalar(f"sac/{name}", (value / args.steps_per_epoch).item(), epoch)
         writer.add_scalar("charts/epoch_seconds", time.perf_counter() - epoch_start, epoch)
+        health.update(penalty=last_rollout["penalty_mean"], bonus=last_rollout["bonus_fraction"])
+        if "tau_mean" in last_rollout:
+            health.update(tau_rollout=last_rollout["tau_mean"], below=last_rollout.get("tau_below_clip", 0.0), above=last_rollout.get("tau_above_clip", 0.0))
 
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == hp.epochs:
             returns = evaluate(agent.actor, make_eval_env(data), args.eval_episodes, seed=args.seed * 1000)
@@ -274,7 +329,12 @@ def main(args: Args):
             writer.add_scalar("eval/normalized_score", score, epoch)
             writer.add_scalar("eval/normalized_score_std", scores.std(), epoch)
             save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent, dice, args, data, epoch, score)
-            progress.set_postfix(score=f"{score:.1f}")
+            append_progress(os.path.join(run_dir, "progress.csv"), {
+                "epoch": epoch, "normalized_score": score, "normalized_score_std": float(scores.std()), "return": float(returns.mean()),
+                "wall_seconds": round(time.perf_counter() - run_start, 1), "penalty_mean": last_rollout["penalty_mean"],
+                "rollout_tau_mean": last_rollout.get("tau_mean", float("nan")),
+            })
+        progress.set_postfix({name: f"{value:.2f}" for name, value in health.items()} | {"score": f"{score:.1f}"})
     writer.close()
     print(f"normalized score: {score:.1f} (last eval); checkpoint in {run_dir}")
 

@@ -100,6 +100,16 @@ class Actor(nn.Module):
         action, _ = self(torch.as_tensor(obs, dtype=torch.float32, device=device), deterministic)
         return action.cpu().numpy()
 
+    @classmethod
+    def from_npz_arrays(cls, arrays: dict[str, np.ndarray]) -> "Actor":
+        """The inverse of to_npz_arrays: an actor from a policies/*.npz file's arrays."""
+        hidden, obs_dim = arrays["w0"].shape
+        actor = cls(obs_dim, arrays["w_mean"].shape[0], hidden)
+        for suffix, layer in {"0": actor.trunk[0], "1": actor.trunk[2], "_mean": actor.mean, "_logstd": actor.log_std}.items():
+            layer.weight.data.copy_(torch.as_tensor(arrays[f"w{suffix}"]))
+            layer.bias.data.copy_(torch.as_tensor(arrays[f"b{suffix}"]))
+        return actor
+
     def to_npz_arrays(self) -> dict[str, np.ndarray]:
         """Plain arrays for datasets.py's numpy collector (no torch, no pickle)."""
         layers = {"0": self.trunk[0], "1": self.trunk[2], "_mean": self.mean, "_logstd": self.log_std}
