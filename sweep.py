@@ -20,13 +20,11 @@ The same command again skips finished runs and continues cut-off ones. `--addres
 
 import contextlib
 import csv
-import ctypes
 import io
 import itertools
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -224,6 +222,37 @@ def resume_flags(run_dir: str, planned_epochs: int) -> list[str] | None:
     return ["--resume", run_dir] if "finished" in checkpoint else []
 
 
+def flatten(values: dict, prefix: str = "") -> dict:
+    """{"sac": {"hidden": 16}} -> {"sac.hidden": 16}, tuples as lists (as a checkpoint may give them back)."""
+    flat = {}
+    for name, value in values.items():
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{prefix}{name}.")
+        else:
+            flat[prefix + name] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def refuse_changed_settings(sweep_dir: str, runs: list[Run], drop_args: drop.Args):
+    """Stop before anything runs if a run or ensemble already in sweep_dir was made with other
+    settings than this command's: mixing them would put two experiments in one table."""
+    import torch
+
+    ignored = {"dynamics_path", "device", "track", "resume"}  # where and how a run ran, not what it computed
+    saved_files = [(os.path.join(sweep_dir, "dynamics", f"{run.env.replace('/', '_')}__seed{run.seed}.pt"), "config", asdict(drop_args.dynamics), "--dynamics.") for run in runs]
+    saved_files += [
+        (os.path.join(sweep_dir, "runs", run.name, "checkpoint.pt"), "args", asdict(replace(drop_args, env=run.env, penalty=run.penalty, eta=run.eta, seed=run.seed, run_name=run.name)), "--")
+        for run in runs
+    ]  # fmt: skip
+    for path, key, wanted, flag_prefix in saved_files:
+        if not os.path.isfile(path):
+            continue
+        saved = flatten(torch.load(path, map_location="cpu", weights_only=True)[key])
+        changed = [f"{flag_prefix}{name.replace('_', '-')} {saved[name]} then, {value} now" for name, value in flatten(wanted).items() if name in saved and name not in ignored and saved[name] != value]
+        if changed:
+            raise SystemExit(f"error: {path} was made with other settings ({'; '.join(changed)}); give this sweep another --name, or delete that file")
+
+
 # ---------------------------------------------------------------------------------------------
 # Ray tasks: each starts one script as a subprocess and waits for it.
 
@@ -236,20 +265,16 @@ class ScriptFailed(Exception):
     """The script exited with an error: it would fail again, so no retry."""
 
 
-def die_with_parent():
-    """Linux: SIGKILL the child when the Ray worker that started it dies, so that a retried run
-    never races a stale copy of itself."""
-    if sys.platform == "linux":
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
 def run_script(argv: list[str], cwd: str, log_path: str, threads: int):
-    """`python argv...` in cwd with `threads` torch threads, its output in log_path, and a record of where it ran."""
+    """`python argv...` in cwd with `threads` torch threads, its output in log_path, and a record of where it ran.
+
+    Ray runs each worker in its own process group and kills the group when the worker dies, so
+    the script never outlives a killed worker and races its own retry (test_sweep.py checks this).
+    """
     env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     started = time.time()
     with open(log_path, "w") as log:
-        result = subprocess.run([sys.executable, *argv], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+        result = subprocess.run([sys.executable, *argv], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
     if result.returncode < 0:
         raise ScriptKilled(f"{os.path.basename(argv[0])} was killed by signal {-result.returncode}; log: {log_path}")
     if result.returncode != 0:
@@ -269,7 +294,7 @@ def prepare_dataset(env: str, sweep_dir: str) -> str:
 
 def train_dynamics(env: str, seed: int, path: str, flags: list[str], sweep_dir: str, threads: int, _dataset_ready: str) -> str:
     if not os.path.isfile(path):  # dynamics.py saves atomically: a file here is a whole ensemble
-        log = os.path.join(sweep_dir, "logs", os.path.basename(path).removesuffix(".pt") + ".log")
+        log = os.path.join(sweep_dir, "logs", "dynamics__" + os.path.basename(path).removesuffix(".pt") + ".log")
         run_script([os.path.join(HERE, "dynamics.py"), "--env", env, "--seed", str(seed), "--out", path, *flags], sweep_dir, log, threads)
     return path
 
@@ -314,7 +339,7 @@ def result_row(run: Run, sweep_dir: str) -> dict:
         with open(record_path) as file:
             record = json.load(file)
     return {
-        "dataset": run.env, "penalty": run.penalty, "eta": run.eta, "seed": run.seed, "column": run.column,
+        "dataset": run.env, "penalty": run.penalty, "eta": run.eta, "seed": run.seed,
         "epochs": checkpoint["epoch"] + 1, "normalized_score": checkpoint["normalized_score"],
         "wall_seconds": round(record["wall_seconds"], 1), "host": record["host"], "run_dir": os.path.relpath(run_dir, sweep_dir),
     }  # fmt: skip
@@ -334,21 +359,23 @@ def write_csv(path: str, rows: list[dict]):
     write_atomically(path, out.getvalue())
 
 
-def scores_by_cell(rows: list[dict]) -> dict[tuple[str, str], np.ndarray]:
+def scores_by_cell(rows: dict[Run, dict]) -> dict[tuple[str, str], np.ndarray]:
     """(dataset, column) -> final scores over seeds."""
     cells = {}
-    for row in rows:
-        cells.setdefault((row["dataset"], row["column"]), []).append(row["normalized_score"])
+    for run, row in rows.items():
+        cells.setdefault((run.env, run.column), []).append(row["normalized_score"])
     return {key: np.array(values) for key, values in cells.items()}
 
 
-def format_table(runs: list[Run], rows: list[dict], failed: list[str], reps: int) -> str:
+def format_table(title: str, runs: list[Run], rows: dict[Run, dict], failed: list[str], reps: int) -> str:
     envs = list(dict.fromkeys(run.env for run in runs))
     columns = list(dict.fromkeys(run.column for run in runs))
     tasks = {run.env: run.task for run in runs}
     cells = scores_by_cell(rows)
     lines = [
-        "Final normalised score (D4RL scale, last evaluation): mean ± std over seeds (seeds).",
+        title,
+        "",
+        "Final normalised score (D4RL scale, last evaluation): mean ± sample std over seeds (number of seeds).",
         "",
         "| dataset | " + " | ".join(columns) + " | paper DROP | paper MOPO | paper MBPO |",
         "|---" * (len(columns) + 4) + "|",
@@ -446,6 +473,7 @@ def main(args: Args, passthrough: list[str]) -> list[dict]:
     runs = plan(args, drop_args)
     dynamics_flags = [token for group in split_flags(passthrough) if group[0].startswith(("--dynamics.", "--device")) for token in group]
     sweep_dir = os.path.abspath(os.path.join("sweeps", args.name))
+    refuse_changed_settings(sweep_dir, runs, drop_args)
     for sub in ("runs", "dynamics", "logs"):
         os.makedirs(os.path.join(sweep_dir, sub), exist_ok=True)
 
@@ -456,7 +484,7 @@ def main(args: Args, passthrough: list[str]) -> list[dict]:
     dynamics_task = ray.remote(train_dynamics).options(**resources, **retry)
     run_task = ray.remote(train_run).options(**resources, **retry)
     pending, ensembles, datasets_ready = {}, {}, {}
-    finished = [run for run in runs if resume_flags(os.path.join(sweep_dir, "runs", run.name), run.epochs) is None]
+    finished = {run for run in runs if resume_flags(os.path.join(sweep_dir, "runs", run.name), run.epochs) is None}
     for run in runs:
         if run in finished:
             continue
@@ -486,16 +514,17 @@ def main(args: Args, passthrough: list[str]) -> list[dict]:
                 bar.write(f"{run.name}: score {row['normalized_score']:.1f} after {row['epochs']} epochs, {row['wall_seconds']:.0f} s on {row['host']}")
             bar.update()
 
-    ordered = [rows[run] for run in runs if run in rows]
-    if ordered:
-        write_csv(os.path.join(sweep_dir, "results.csv"), ordered)
-    table = format_table(runs, ordered, failed, args.bootstrap_resamples)
+    rows = {run: rows[run] for run in runs if run in rows}  # in grid order
+    if rows:
+        write_csv(os.path.join(sweep_dir, "results.csv"), list(rows.values()))
+    title = f"Sweep `{args.name}`" + (f", drop.py flags `{' '.join(passthrough)}`" if passthrough else "")
+    table = format_table(title, runs, rows, failed, args.bootstrap_resamples)
     write_atomically(os.path.join(sweep_dir, "table.md"), table)
     plot_curves(os.path.join(sweep_dir, "curves.png"), runs, sweep_dir)
     print(table)
     if failed:
         raise SystemExit(f"error: {len(failed)} of {len(runs)} runs failed (listed in {sweep_dir}/table.md); run the same command again to retry them")
-    return ordered
+    return list(rows.values())
 
 
 if __name__ == "__main__":
