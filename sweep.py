@@ -462,8 +462,9 @@ def start_ray(address: str | None, num_cpus: int | None):
         return
     if address is not None and num_cpus is not None:
         raise SystemExit("error: --num-cpus sizes a local Ray; a cluster at --address has its own CPUs")
+    local = {"num_cpus": num_cpus, "include_dashboard": False} if address is None else {}
     # Workers import this file's tasks by module name; the runs' output goes to logs/, not to this console.
-    ray.init(address=address, num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level="WARNING", runtime_env={"env_vars": {"PYTHONPATH": HERE}})
+    ray.init(address=address, log_to_driver=False, logging_level="WARNING", runtime_env={"env_vars": {"PYTHONPATH": HERE}}, **local)
 
 
 def main(args: Args, passthrough: list[str]) -> list[dict]:
