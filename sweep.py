@@ -34,10 +34,11 @@ from typing import Literal
 
 import numpy as np
 import ray
+import torch
 import tyro
 
 import drop
-from datasets import DatasetError, _parse_name
+from datasets import DatasetError, _parse_name, load_dataset
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 Penalty = Literal["drop", "mopo", "none"]
@@ -205,14 +206,16 @@ def plan(args: Args, drop_args: drop.Args) -> list[Run]:
     return runs
 
 
+def dynamics_path(sweep_dir: str, env: str, seed: int) -> str:
+    return os.path.join(sweep_dir, "dynamics", f"{env.replace('/', '_')}__seed{seed}.pt")
+
+
 def resume_flags(run_dir: str, planned_epochs: int) -> list[str] | None:
     """None when the run is finished; otherwise the drop.py flags that carry it on ([] = start over).
 
     Checkpoints that say "finished" come from a drop.py with --resume; older ones are finished
     when their last epoch is the planned last epoch, and cannot be continued.
     """
-    import torch
-
     path = os.path.join(run_dir, "checkpoint.pt")
     if not os.path.isfile(path):
         return []
@@ -236,10 +239,8 @@ def flatten(values: dict, prefix: str = "") -> dict:
 def refuse_changed_settings(sweep_dir: str, runs: list[Run], drop_args: drop.Args):
     """Stop before anything runs if a run or ensemble already in sweep_dir was made with other
     settings than this command's: mixing them would put two experiments in one table."""
-    import torch
-
     ignored = {"dynamics_path", "device", "track", "resume"}  # where and how a run ran, not what it computed
-    saved_files = [(os.path.join(sweep_dir, "dynamics", f"{run.env.replace('/', '_')}__seed{run.seed}.pt"), "config", asdict(drop_args.dynamics), "--dynamics.") for run in runs]
+    saved_files = [(dynamics_path(sweep_dir, run.env, run.seed), "config", asdict(drop_args.dynamics), "--dynamics.") for run in runs]
     saved_files += [
         (os.path.join(sweep_dir, "runs", run.name, "checkpoint.pt"), "args", asdict(replace(drop_args, env=run.env, penalty=run.penalty, eta=run.eta, seed=run.seed, run_name=run.name)), "--")
         for run in runs
@@ -262,7 +263,7 @@ class ScriptKilled(Exception):
 
 
 class ScriptFailed(Exception):
-    """The script exited with an error: it would fail again, so no retry."""
+    """The script exited with an error (or the dataset is unusable): it would fail again, so no retry."""
 
 
 def run_script(argv: list[str], cwd: str, log_path: str, threads: int):
@@ -286,9 +287,12 @@ def run_script(argv: list[str], cwd: str, log_path: str, threads: int):
         json.dump(record, file)
 
 
-def prepare_dataset(env: str, sweep_dir: str) -> str:
+def prepare_dataset(env: str) -> str:
     """Download or collect the dataset once, before the seeds' ensembles all want it at the same time."""
-    run_script([os.path.join(HERE, "datasets.py"), "info", env], sweep_dir, os.path.join(sweep_dir, "logs", f"data__{env.replace('/', '_')}.log"), 1)
+    try:
+        load_dataset(env)
+    except DatasetError as e:
+        raise ScriptFailed(f"dataset {env}: {e}") from None
     return env
 
 
@@ -329,8 +333,6 @@ def read_progress(run_dir: str) -> list[dict[str, float]]:
 
 def result_row(run: Run, sweep_dir: str) -> dict:
     """The run's line of results.csv; the score is its final checkpoint's."""
-    import torch
-
     run_dir = os.path.join(sweep_dir, "runs", run.name)
     checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pt"), map_location="cpu", weights_only=True)
     record_path = os.path.join(sweep_dir, "logs", f"{run.name}.json")
@@ -478,21 +480,22 @@ def main(args: Args, passthrough: list[str]) -> list[dict]:
     for sub in ("runs", "dynamics", "logs"):
         os.makedirs(os.path.join(sweep_dir, sub), exist_ok=True)
 
-    start_ray(args.address, args.num_cpus)
+    finished = {run for run in runs if resume_flags(os.path.join(sweep_dir, "runs", run.name), run.epochs) is None}
+    if len(finished) < len(runs):
+        start_ray(args.address, args.num_cpus)
     resources = {"num_cpus": args.cpus_per_run, "num_gpus": args.gpus_per_run}
     retry = {"max_retries": args.max_retries, "retry_exceptions": [ScriptKilled]}
     data_task = ray.remote(prepare_dataset).options(num_cpus=1, **retry)
     dynamics_task = ray.remote(train_dynamics).options(**resources, **retry)
     run_task = ray.remote(train_run).options(**resources, **retry)
     pending, ensembles, datasets_ready = {}, {}, {}
-    finished = {run for run in runs if resume_flags(os.path.join(sweep_dir, "runs", run.name), run.epochs) is None}
     for run in runs:
         if run in finished:
             continue
         if run.env not in datasets_ready:
-            datasets_ready[run.env] = data_task.remote(run.env, sweep_dir)
+            datasets_ready[run.env] = data_task.remote(run.env)
         if (run.env, run.seed) not in ensembles:
-            path = os.path.join(sweep_dir, "dynamics", f"{run.env.replace('/', '_')}__seed{run.seed}.pt")
+            path = dynamics_path(sweep_dir, run.env, run.seed)
             ensembles[run.env, run.seed] = dynamics_task.remote(run.env, run.seed, path, dynamics_flags, sweep_dir, args.cpus_per_run, datasets_ready[run.env])
         pending[run_task.remote(run, passthrough, sweep_dir, args.cpus_per_run, ensembles[run.env, run.seed])] = run
 
@@ -506,7 +509,7 @@ def main(args: Args, passthrough: list[str]) -> list[dict]:
             run = pending.pop(ref)
             try:
                 ray.get(ref)
-            except (ray.exceptions.RayError, ScriptFailed) as e:
+            except ray.exceptions.RayError as e:  # after Ray's retries
                 reason = getattr(e, "cause", None) or e
                 failed.append(f"{run.name}: {' '.join(str(reason).split())}")
                 bar.write(f"FAILED {failed[-1]}")

@@ -140,7 +140,7 @@ def test_runs_share_one_ensemble_per_dataset_and_seed(tiny_sweep, workdir):
 def test_rerun_trains_nothing(tiny_sweep, workdir, capsys):
     # Checkpoints, ensembles, and the logs that every started script writes: none may change.
     outputs = [*(workdir / "sweeps/tiny").glob("runs/*/checkpoint.pt"), *(workdir / "sweeps/tiny").glob("dynamics/*.pt"), *(workdir / "sweeps/tiny").glob("logs/*.log")]
-    assert len(outputs) == 8 + 4 + (8 + 4 + 2)  # checkpoints, ensembles, logs of runs, ensembles and datasets
+    assert len(outputs) == 8 + 4 + (8 + 4)  # checkpoints, ensembles, logs of runs and ensembles
     before = {path: path.stat().st_mtime_ns for path in outputs}
     rows = run_sweep(GRID)
     assert "8 already finished, 0 to run" in capsys.readouterr().out
