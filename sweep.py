@@ -385,7 +385,7 @@ def format_table(title: str, runs: list[Run], rows: dict[Run, dict], failed: lis
     for env in envs:
         scores = [cells.get((env, column)) for column in columns]
         ours = ["—" if s is None else f"{s.mean():.1f} ± {s.std(ddof=1):.1f} ({len(s)})" if len(s) > 1 else f"{s[0]:.1f} (1)" for s in scores]
-        mark = "" if not env.startswith("builtin-") and "/" not in env else "†"
+        mark = "†" if env.startswith("builtin-") or "/" in env else ""
         paper = [f"{value}{mark}" for value in PAPER_TABLE1[tasks[env]]] if tasks[env] in PAPER_TABLE1 else ["—"] * 3
         lines.append(f"| {env} | " + " | ".join(ours + paper) + " |")
     lines += [
@@ -407,6 +407,8 @@ def format_table(title: str, runs: list[Run], rows: dict[Run, dict], failed: lis
     for column in complete:
         value, (low, high) = iqm_with_ci(per_column[column], reps)
         lines.append(f"| {column} | {value:.1f} | [{low:.1f}, {high:.1f}] | {sum(map(len, per_column[column]))} |")
+    if len(complete) < len(columns):
+        lines += ["", f"Not aggregated, for lack of a score on every dataset: {', '.join(c for c in columns if c not in complete)}."]
     drops = [c for c in complete if c.startswith("drop")]
     others = [c for c in complete if not c.startswith("drop")]
     if drops and others:

@@ -197,6 +197,23 @@ def test_grid_defaults_to_table_etas_and_runs_none_once():
     assert [(r.penalty, r.eta, r.epochs, r.column) for r in runs] == [("drop", 1.0, 3, "drop eta=1"), ("drop", 2.0, 3, "drop eta=2"), ("none", 0.0, 3, "none")]
 
 
+def test_table_puts_the_paper_beside_ours_and_leaves_gaps_visible():
+    runs = sweep.plan(tyro.cli(sweep.Args, args=["--envs", "hopper-medium-v2", "builtin-halfcheetah-medium", "--penalties", "drop", "none", "--seeds", "0", "1"]), sweep.drop.Args())
+    scores = iter([10.0, 20.0, 5.0, 5.0, 30.0, 50.0, 7.0])  # the last run (halfcheetah, none, seed 1) failed
+    rows = {run: {"normalized_score": score} for run, score in zip(runs, scores)}
+    table = sweep.format_table("Sweep `t`", runs, rows, ["halfcheetah none seed 1: it broke"], reps=100)
+    assert "| hopper-medium-v2 | 15.0 ± 7.1 (2) | 5.0 ± 0.0 (2) | 52.1 | 26.3 | 4.9 |" in table
+    assert "| builtin-halfcheetah-medium | 40.0 ± 14.1 (2) | 7.0 (1) | 50.2† | 42.3† | 28.3† |" in table
+    assert "| drop | 25.0 |" in table  # IQM of 10, 20, 30, 50
+    assert "| none | 5.7 |" in table and "Not aggregated" not in table  # a missing seed still leaves a score on each dataset
+    assert "| drop | none | 1.00 |" in table and "- halfcheetah none seed 1: it broke" in table
+    rows.pop(runs[2])
+    rows.pop(runs[3])
+    table = sweep.format_table("Sweep `t`", runs, rows, [], reps=100)
+    assert "| hopper-medium-v2 | 15.0 ± 7.1 (2) | — |" in table and "Not aggregated, for lack of a score on every dataset: none." in table
+    assert "P(X > Y)" not in table
+
+
 # ---------------------------------------------------------------------------------------------
 # Statistics, against values worked out by hand
 
