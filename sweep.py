@@ -471,6 +471,15 @@ def start_ray(address: str | None, num_cpus: int | None):
     ray.init(address=address, log_to_driver=False, logging_level="WARNING", runtime_env={"env_vars": {"PYTHONPATH": HERE}}, **local)
 
 
+@contextlib.contextmanager
+def interrupt_message(bar):
+    """Ctrl-C ends the sweep with one line instead of a traceback from inside Ray; Ray stops the runs."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise SystemExit(f"interrupted after {bar.n} of {bar.total} runs; the same command carries on from there") from None
+
+
 def main(args: Args, passthrough: list[str]) -> list[dict]:
     from tqdm import tqdm
 
@@ -501,11 +510,12 @@ def main(args: Args, passthrough: list[str]) -> list[dict]:
             ensembles[run.env, run.seed] = dynamics_task.remote(run.env, run.seed, path, dynamics_flags, sweep_dir, args.cpus_per_run, datasets_ready[run.env])
         pending[run_task.remote(run, passthrough, sweep_dir, args.cpus_per_run, ensembles[run.env, run.seed])] = run
 
+    to_train = sum(not os.path.isfile(dynamics_path(sweep_dir, env, seed)) for env, seed in ensembles)
     print(f"sweep {args.name}: {len(runs)} runs, {len(finished)} already finished, {len(pending)} to run, "
-          f"{len(ensembles)} dynamics ensembles; {args.cpus_per_run} CPU(s) per run; output in {sweep_dir}")  # fmt: skip
+          f"{to_train} dynamics ensembles to train; {args.cpus_per_run} CPU(s) per run; output in {sweep_dir}")  # fmt: skip
     rows = {run: result_row(run, sweep_dir) for run in finished}
     failed = []
-    with tqdm(total=len(runs), initial=len(finished), desc=f"sweep {args.name}", unit="run") as bar:
+    with tqdm(total=len(runs), initial=len(finished), desc=f"sweep {args.name}", unit="run") as bar, interrupt_message(bar):
         while pending:
             [ref], _ = ray.wait(list(pending), num_returns=1)
             run = pending.pop(ref)
