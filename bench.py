@@ -25,10 +25,10 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from datasets import OBS_ACT_DIMS
-from dice import DiceConfig, GradientDICE, train_dice
+from dice import DiceConfig, build_dice, dice_optimizer, resolve, train_dice
 from drop import TASK_DEFAULTS, Args as DropArgs, mixed_batch, model_buffer_capacity, rollout
 from dynamics import DynamicsConfig, ProbabilisticEnsemble, halfcheetah_terminated, transition_targets
-from sac import SAC, ReplayBuffer, SACConfig, adam, pick_device
+from sac import SAC, ReplayBuffer, SACConfig, pick_device
 
 PENALTIES = ("drop", "mopo", "none")
 
@@ -111,7 +111,7 @@ def bench_family(family: str, args: Args, device: torch.device) -> dict:
     dynamics.requires_grad_(False)
 
     hp = replace(TASK_DEFAULTS[f"{family}-medium"], horizon=args.horizon, dice_steps=args.dice_steps, clip=(0.01, 10.0), transform="log")
-    dice_config = DiceConfig()
+    dice_config = resolve(DiceConfig())
     runs = {}
     for penalty in PENALTIES:
         drop_args = DropArgs(penalty=penalty, rollout_batch_size=args.rollout_batch_size, sac=args.sac)
@@ -119,8 +119,8 @@ def bench_family(family: str, args: Args, device: torch.device) -> dict:
         model_buffer = ReplayBuffer(model_buffer_capacity(drop_args, args.horizon), obs_dim, act_dim, device)
         dice = dice_opt = dice_next_obs = cache_seconds = None
         if penalty == "drop":
-            dice = GradientDICE(obs_dim, act_dim, len(dynamics.elites), dice_config.hidden, dynamics.input_mean, dynamics.input_std).to(device)
-            dice_opt = adam(dice.parameters(), hp.dice_lr, device)
+            dice = build_dice(dice_config, obs_dim, act_dim, len(dynamics.elites), dynamics.input_mean, dynamics.input_std).to(device)
+            dice_opt = dice_optimizer(dice, hp.dice_lr, dice_config)
             dice_next_obs, cache_seconds = timed(lambda: dynamics.elite_mean_next_obs(real_obs, real_act), device)
         runs[penalty] = dict(args=drop_args, agent=agent, buffer=model_buffer, dice=dice, dice_opt=dice_opt, next_obs=dice_next_obs, cache_seconds=cache_seconds, times=[])
 

@@ -660,6 +660,22 @@ def load_dataset(env: str, dataset_path: str | None = None) -> OfflineDataset:
     )
 
 
+def simulator_states(data: OfflineDataset) -> tuple[np.ndarray, np.ndarray] | None:
+    """The MuJoCo state before each step (`infos/qpos`, `infos/qvel` of D4RL and built-in files),
+    or None where the files do not store it whole (Minari, or a file without those keys)."""
+    if data.source == "minari":
+        return None
+    qpos, qvel = [], []
+    for path in data.path.split(" + "):  # a built-in medium-expert dataset joins two files
+        with h5py.File(path, "r") as file:
+            if "infos/qpos" not in file or "infos/qvel" not in file:
+                return None
+            qpos.append(file["infos/qpos"][()])
+            qvel.append(file["infos/qvel"][()])
+    qpos, qvel = np.concatenate(qpos).astype(np.float64), np.concatenate(qvel).astype(np.float64)
+    return (qpos, qvel) if len(qpos) == len(qvel) == len(data) else None
+
+
 def make_eval_env(data: OfflineDataset, seed: int | None = None) -> gym.Env:
     """The environment to evaluate policies for `data` in; for Minari data, the dataset's own spec.
 

@@ -54,19 +54,21 @@ class DiceConfig:
     """optimiser of tau, f and nu (preset: adam)"""
     nu_lr: float | None = None
     """learning rate of the scalar nu of each head, if not the DICE lr (preset authors: the DICE lr)"""
+    f_lr: float | None = None
+    """learning rate of the f nets (the maximising player), if not the DICE lr (preset authors: the DICE lr)"""
     lam: float | None = None
     """weight of the normalisation constraint, replacing the per-dataset table's (preset authors: the table's)"""
     output: Output | None = None
     """tau's output layer: linear (can go negative), softplus or exp (preset authors: linear)"""
     normalize_inputs: bool | None = None
-    """standardise (s, a) with the dynamics model's input statistics (preset: yes)"""
+    """standardise (s, a) with the dynamics model's input statistics (preset authors: no, raw inputs as in their code)"""
     below_clip: BelowClip | None = None
     """penalty where tau is at or below the clip's lower bound: clip (the transform of the bound, a bonus), zero, or max (the transform of the upper bound) (preset authors: clip)"""
 
 
 PRESETS = {
-    "authors": dict(optimizer="adam", nu_lr=None, lam=None, output="linear", normalize_inputs=True, below_clip="clip"),
-    "checked": dict(optimizer="adam", nu_lr=1e-2, lam=1.0, output="linear", normalize_inputs=True, below_clip="zero"),
+    "authors": dict(optimizer="adam", nu_lr=None, f_lr=None, lam=None, output="linear", normalize_inputs=False, below_clip="clip"),
+    "checked": dict(optimizer="adam", nu_lr=1e-2, f_lr=None, lam=1.0, output="linear", normalize_inputs=True, below_clip="max"),
 }
 
 
@@ -128,9 +130,10 @@ def build_dice(config: DiceConfig, obs_dim: int, act_dim: int, num_heads: int, i
 
 
 def dice_optimizer(dice: GradientDICE, lr: float, config: DiceConfig) -> torch.optim.Optimizer:
-    """Adam or SGD over all heads; nu (one scalar per head) may get its own, larger learning rate."""
+    """Adam or SGD over all heads; f and nu (one scalar per head) may get their own, larger learning rates."""
     groups = [
-        {"params": [*dice.tau.parameters(), *dice.f.parameters()]},
+        {"params": list(dice.tau.parameters())},
+        {"params": list(dice.f.parameters()), "lr": config.f_lr or lr},
         {"params": [dice.nu], "lr": config.nu_lr or lr},
     ]
     if config.optimizer == "sgd":

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from dice import DiceConfig, GradientDICE, penalty, train_dice
+from dice import PRESETS, DiceConfig, GradientDICE, build_dice, dice_optimizer, penalty, ratio_statistics, resolve, train_dice
 
 torch.set_num_threads(1)
 
@@ -196,3 +196,80 @@ def test_penalty_transforms(transform, clip, tau, expected):
     """penalty() equals the hand-computed log / tanh-shift / tanh-offset values."""
     out = penalty(torch.tensor(tau), transform, clip)
     np.testing.assert_allclose(out.numpy(), expected, atol=PENALTY_TOL)
+
+
+@pytest.mark.parametrize(
+    "below_clip, expected",
+    [
+        # tau at or below the lower bound 0.1 (and negative tau) gets the bound's log, zero, or the upper bound's log.
+        ("clip", [np.log(0.1), np.log(0.1), np.log(0.5), np.log(10.0)]),
+        ("zero", [0.0, 0.0, np.log(0.5), np.log(10.0)]),
+        ("max", [np.log(10.0), np.log(10.0), np.log(0.5), np.log(10.0)]),
+    ],
+)
+def test_penalty_below_the_clip(below_clip, expected):
+    """What an untrusted estimate (tau <= s1) is worth; tau above s1 is untouched by the choice."""
+    out = penalty(torch.tensor([-3.0, 0.1, 0.5, 50.0]), "log", (0.1, 10.0), below_clip)
+    np.testing.assert_allclose(out.numpy(), expected, atol=PENALTY_TOL)
+
+
+def test_presets_fill_only_unset_fields():
+    """The authors' preset is the published method; a field given by hand beats the preset."""
+    authors = resolve(DiceConfig())
+    assert (authors.optimizer, authors.nu_lr, authors.f_lr, authors.lam, authors.output, authors.normalize_inputs, authors.below_clip) == (
+        "adam", None, None, None, "linear", False, "clip")
+    checked = resolve(DiceConfig(preset="checked", output="exp"))
+    assert checked.output == "exp" and checked.nu_lr == PRESETS["checked"]["nu_lr"] and checked.lam == PRESETS["checked"]["lam"]
+    assert checked.below_clip == PRESETS["checked"]["below_clip"]
+
+
+@pytest.mark.parametrize("output", ["linear", "softplus", "exp"])
+def test_every_output_starts_at_tau_one_and_positive_outputs_stay_positive(output):
+    torch.manual_seed(0)
+    dice = build_dice(resolve(DiceConfig(output=output)), 3, 2, 4, torch.zeros(5), torch.ones(5))
+    x = torch.randn(100, 3) * 5, torch.randn(100, 2)
+    torch.testing.assert_close(dice.ratio(*x), torch.ones(4, 100))
+    with torch.no_grad():
+        dice.tau.output.bias.fill_(-30.0)
+    tau = dice.ratio(*x)
+    assert (tau < 0).all() if output == "linear" else (tau >= 0).all()
+
+
+def test_input_normalisation_is_a_switch():
+    mean, std = torch.full((5,), 2.0), torch.full((5,), 4.0)
+    on = build_dice(resolve(DiceConfig(normalize_inputs=True)), 3, 2, 1, mean, std)
+    off = build_dice(resolve(DiceConfig(normalize_inputs=False)), 3, 2, 1, mean, std)
+    torch.testing.assert_close((on.input_mean, on.input_std), (mean, std))
+    torch.testing.assert_close((off.input_mean, off.input_std), (torch.zeros(5), torch.ones(5)))
+
+
+def test_optimizer_gives_f_and_nu_their_own_learning_rates():
+    dice = build_dice(resolve(DiceConfig()), 3, 2, 2, torch.zeros(5), torch.ones(5))
+    for config, kind, lrs in [
+        (DiceConfig(), torch.optim.Adam, [1e-4, 1e-4, 1e-4]),
+        (DiceConfig(optimizer="sgd", f_lr=1e-3, nu_lr=1e-2), torch.optim.SGD, [1e-4, 1e-3, 1e-2]),
+    ]:
+        optimizer = dice_optimizer(dice, 1e-4, resolve(config))
+        assert type(optimizer) is kind
+        assert [group["lr"] for group in optimizer.param_groups] == lrs
+        tau_params, f_params, nu_params = (group["params"] for group in optimizer.param_groups)
+        assert tau_params == list(dice.tau.parameters()) and f_params == list(dice.f.parameters()) and nu_params == [dice.nu]
+
+
+def test_ratio_statistics_pool_heads_and_split_segments():
+    """E_D[tau], E_D|tau - 1|, the fraction at or below s1 and per-segment means, on a tau set by hand."""
+    dice = build_dice(resolve(DiceConfig()), 1, 1, 2, torch.zeros(2), torch.ones(2))
+    with torch.no_grad():  # tau(s, a) = s: head outputs equal the state itself
+        dice.tau.output.weight.zero_()
+        dice.tau.output.bias.zero_()
+        dice.tau.hidden[0].weight.zero_(), dice.tau.hidden[0].bias.zero_()
+        dice.tau.hidden[0].weight[:, 0, 0] = 1.0
+        dice.tau.hidden[1].weight.zero_(), dice.tau.hidden[1].bias.zero_()
+        dice.tau.hidden[1].weight[:, 0, 0] = 1.0
+        dice.tau.output.weight[:, 0, 0] = 1.0
+    obs = torch.tensor([[0.0], [2.0], [1.0], [3.0]])
+    stats = ratio_statistics(dice, obs, torch.zeros(4, 1), (0.01, 10.0), segments=2, chunk=3)
+    assert stats["mean_tau"] == pytest.approx(1.5)
+    assert stats["mean_abs_tau_minus_1"] == pytest.approx(1.0)
+    assert stats["below_clip"] == pytest.approx(0.25)
+    assert stats["mean_tau_by_segment"] == pytest.approx([1.0, 2.0])

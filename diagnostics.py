@@ -1,0 +1,379 @@
+"""Is DROP's penalty right? The paper's Fig. 2 and Fig. 3 for a trained run, checked against MuJoCo.
+
+    python diagnostics.py runs/RUN --samples 10000 --seed 0
+
+Fig. 2 (section 5.2): each penalty against the true model error, on two sets of N state-actions:
+`dataset` (drawn from the offline data, the paper's setting) and `rollout` (from h-step rollouts of
+the run's policy in its ensemble, what the penalty acts on in training). Each sample gets the
+random elite k a rollout would give it; its model error is ||mean_k(s, a) - T(s, a)||_2 over the
+next-state dimensions, with T one step of MuJoCo itself. DROP's penalty is the run's transform of
+clip(tau_k(s, a)), MOPO's the largest std norm over the elites, both from the same ensemble.
+
+Fig. 3: UMAP of dataset state-actions with KDE contours of their density, and 500 rollout samples
+projected with the same map, coloured yellow to red by penalty.
+
+Writes runs/RUN/diagnostics/{fig2.png, fig3.png, diagnostics.json} (and samples.npz, every sample's
+error and penalties) and prints a table and the times.
+"""
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import tyro
+
+import drop
+from datasets import DatasetError, OfflineDataset, load_dataset, simulator_states
+from dice import build_dice, resolve
+from dynamics import TERMINATION_FNS, MemberGroups, load_ensemble
+from eval import load_policy
+from sac import ReplayBuffer
+
+# Hopper's and Walker2d's observations clip every velocity to [-10, 10]; HalfCheetah's do not.
+VELOCITY_CLIP = {"hopper": 10.0, "walker2d": 10.0, "halfcheetah": None}
+SUPPORT_SAMPLES = 500  # rollout samples drawn on Fig. 3, as in the paper
+UMAP_FIT_SAMPLES = 5000  # dataset state-actions the UMAP is fitted on (at most --samples)
+MIN_SAMPLES = 10  # fewer make the correlations meaningless
+
+
+@dataclass
+class Args:
+    run_dir: tyro.conf.Positional[str]
+    """a run folder written by drop.py (holding checkpoint.pt)"""
+    samples: int = 10_000
+    """state-actions per sample set (dataset and rollout)"""
+    seed: int = 0
+    """seed of the sample draws, the elite draws, the policy's actions and the UMAP"""
+
+
+@dataclass
+class Run:
+    """What a trained run is made of, rebuilt from its folder."""
+
+    checkpoint: dict
+    args: drop.Args
+    hp: drop.TaskDefaults
+    data: OfflineDataset
+    dynamics: torch.nn.Module
+    dice: torch.nn.Module | None
+    actor: torch.nn.Module
+    env: object  # the Gymnasium env whose MuJoCo is the true dynamics T
+
+
+def dynamics_path(run_dir: str, checkpoint: dict) -> str:
+    """The ensemble the run used: the checkpoint's record, else --dynamics-path, else the one it trained."""
+    return checkpoint.get("dynamics_path") or checkpoint["args"].get("dynamics_path") or os.path.join(run_dir, "dynamics.pt")
+
+
+def load_run(run_dir: str) -> Run:
+    """The run's policy, DICE heads, ensemble and dataset; any missing or mismatched part ends in one line."""
+    actor, checkpoint, env = load_policy(os.path.join(run_dir, "checkpoint.pt"), None)
+    if "args" not in checkpoint or "dice" not in checkpoint:
+        raise SystemExit(f"error: {run_dir}/checkpoint.pt has no saved args or DICE heads; it was not written by drop.py")
+    args = drop.args_from_dict(checkpoint["args"])
+    try:
+        data = load_dataset(args.env, args.dataset)
+    except DatasetError as e:
+        raise SystemExit(f"error: the dataset of {run_dir} cannot be loaded ({e})")
+    path = dynamics_path(run_dir, checkpoint)
+    # load_ensemble refuses an ensemble of another robot than the dataset's (a foreign checkpoint's).
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: the dynamics file of {run_dir} is gone ({path}); the diagnostics need the ensemble the run was trained with")
+    dynamics = load_ensemble(path, data.family, data.obs_dim, data.act_dim, torch.device("cpu")).requires_grad_(False)
+    dice = None
+    if checkpoint["dice"] is not None:
+        dice = build_dice(resolve(args.dice), data.obs_dim, data.act_dim, len(dynamics.elites), dynamics.input_mean, dynamics.input_std)
+        try:
+            dice.load_state_dict(checkpoint["dice"])
+        except RuntimeError as e:
+            raise SystemExit(f"error: the DICE heads in {run_dir}/checkpoint.pt do not fit its ensemble {path} ({' '.join(str(e).split())[:200]})")
+        dice.requires_grad_(False)
+    return Run(checkpoint, args, drop.task_hyperparameters(args, data.task), data, dynamics, dice, actor.requires_grad_(False), env)
+
+
+# ---------------------------------------------------------------------------------------------
+# The true dynamics T
+
+
+def rebuild_states(obs: np.ndarray, nq: int) -> tuple[np.ndarray, np.ndarray]:
+    """MuJoCo's (qpos, qvel) from observations that leave out the x position, which does not enter
+    these robots' dynamics: qpos = [0, obs[:nq-1]], qvel = obs[nq-1:]."""
+    obs = np.asarray(obs, dtype=np.float64)
+    return np.concatenate([np.zeros((len(obs), 1)), obs[:, : nq - 1]], 1), obs[:, nq - 1 :]
+
+
+def at_velocity_clip(obs: np.ndarray, nq: int, family: str) -> np.ndarray:
+    """Samples whose observed velocity is at (or past) the observation clip: the true velocity is unknown."""
+    clip = VELOCITY_CLIP[family]
+    if clip is None:
+        return np.zeros(len(obs), dtype=bool)
+    return (np.abs(obs[:, nq - 1 :]) >= clip).any(1)
+
+
+def simulate(env, qpos: np.ndarray, qvel: np.ndarray, actions: np.ndarray, desc: str = "MuJoCo") -> np.ndarray:
+    """T(s, a): the observation after one env step from each state, with the action scaled to the
+    env's action space as evaluation does."""
+    from tqdm import tqdm
+
+    sim = env.unwrapped
+    env.reset(seed=0)
+    next_obs = np.empty((len(qpos), env.observation_space.shape[0]))
+    for i in tqdm(range(len(qpos)), desc=desc, unit="step", mininterval=1.0):
+        sim.set_state(qpos[i], qvel[i])
+        next_obs[i] = sim.step(actions[i] * env.action_space.high)[0]
+    return next_obs
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors, penalties and correlations
+
+
+@torch.no_grad()
+def model_errors(dynamics, obs: torch.Tensor, act: torch.Tensor, elite: torch.Tensor, true_next_obs: np.ndarray) -> np.ndarray:
+    """||mean_k(s, a) - T(s, a)||_2 for each sample, k its drawn elite."""
+    predicted = dynamics.elite_mean_next_obs(obs, act)[elite, torch.arange(len(obs))]
+    return np.linalg.norm(predicted.double().numpy() - true_next_obs, axis=1)
+
+
+@torch.no_grad()
+def penalties(run: Run, obs: torch.Tensor, act: torch.Tensor, elite: torch.Tensor) -> dict[str, dict[str, np.ndarray]]:
+    """Each penalty the run can compute, exactly as training does; DROP's with its tau."""
+    result = {}
+    if run.dice is not None:
+        groups = MemberGroups(elite, len(run.dynamics.elites))
+        tau, penalty = drop.drop_penalty(run.dice, obs, act, groups, run.hp, resolve(run.args.dice))
+        result["drop"] = {"penalty": penalty.double().numpy(), "tau": tau.double().numpy()}
+    result["mopo"] = {"penalty": drop.mopo_penalty(run.dynamics, obs, act).double().numpy()}
+    return result
+
+
+def correlations(penalty: np.ndarray, error: np.ndarray) -> dict[str, float]:
+    """Pearson's r and Spearman's rho (average ranks for ties); NaN where either side is constant."""
+    from scipy import stats
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a constant input: the NaN says it
+        return {"pearson": float(stats.pearsonr(penalty, error)[0]), "spearman": float(stats.spearmanr(penalty, error)[0])}
+
+
+def summary(name: str, values: dict[str, np.ndarray], error: np.ndarray, hp: drop.TaskDefaults) -> dict[str, float]:
+    """Correlations with the error, the mean, and for DROP where tau fell against the clip."""
+    stats = {**correlations(values["penalty"], error), "mean": float(values["penalty"].mean())}
+    if name == "drop":
+        tau = values["tau"]
+        stats["tau_mean"] = float(tau.mean())
+        stats["tau_below_clip"] = float((tau < hp.clip[0]).mean()) if hp.clip else 0.0
+        stats["tau_above_clip"] = float((tau > hp.clip[1]).mean()) if hp.clip else 0.0
+        stats["raises_reward"] = float((hp.eta * values["penalty"] < 0).mean())  # a "penalty" that is a bonus
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Sample sets
+
+
+@torch.no_grad()
+def rollout_samples(run: Run, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """`count` state-actions from h-step rollouts of the run's policy in its ensemble, started at
+    dataset states: drop.py's own rollout() fills a buffer as it fills the model buffer in training."""
+    obs = torch.as_tensor(run.data.observations)
+    buffer = ReplayBuffer(count * run.hp.horizon, run.data.obs_dim, run.data.act_dim, torch.device("cpu"))
+    start_obs = obs[torch.randint(len(obs), (count,))]
+    drop.rollout(run.dynamics, SimpleNamespace(actor=run.actor), run.dice, start_obs, run.hp, run.args, TERMINATION_FNS[run.data.family], buffer)
+    pick = torch.randperm(buffer.size)[:count]
+    return buffer.obs[pick].numpy(), buffer.act[pick].numpy()
+
+
+def evaluate_set(run: Run, obs: np.ndarray, act: np.ndarray, states: tuple[np.ndarray, np.ndarray] | None, label: str) -> dict:
+    """Errors and penalties of one sample set. Without stored `states` they are rebuilt from the
+    observations, and samples at the velocity clip are skipped."""
+    nq = run.env.unwrapped.model.nq
+    keep = np.ones(len(obs), dtype=bool) if states is not None else ~at_velocity_clip(obs, nq, run.data.family)
+    qpos, qvel = states if states is not None else rebuild_states(obs, nq)
+    obs, act = obs[keep], act[keep]
+    true_next_obs = simulate(run.env, qpos[keep], qvel[keep], act, desc=f"MuJoCo, {label} samples")
+    obs_t, act_t = torch.as_tensor(obs), torch.as_tensor(act)
+    elite = torch.randint(len(run.dynamics.elites), (len(obs),))  # the elite a rollout would draw
+    return {
+        "obs": obs, "act": act, "elite": elite, "error": model_errors(run.dynamics, obs_t, act_t, elite, true_next_obs),
+        "penalties": penalties(run, obs_t, act_t, elite), "skipped": int((~keep).sum()),
+        "states": "stored infos/qpos, infos/qvel" if states is not None else "rebuilt from observations",
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures
+
+
+def normalised(x: np.ndarray) -> np.ndarray:
+    """x mapped onto [0, 1] (as the paper plots it); a constant maps to 0."""
+    span = x.max() - x.min()
+    return (x - x.min()) / span if span > 0 else np.zeros_like(x)
+
+
+def plot_fig2(sets: dict[str, dict], stats: dict[str, dict], path: str, title: str):
+    import matplotlib.pyplot as plt
+
+    names = list(next(iter(sets.values()))["penalties"])
+    fig, axes = plt.subplots(len(sets), len(names), figsize=(4 * len(names), 4 * len(sets)), squeeze=False)
+    for row, (set_name, samples) in enumerate(sets.items()):
+        for col, name in enumerate(names):
+            ax, s = axes[row, col], stats[set_name][name]
+            ax.scatter(normalised(samples["error"]), normalised(samples["penalties"][name]["penalty"]), s=2, alpha=0.3, color="C0" if name == "drop" else "C1", rasterized=True)
+            ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+            ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), xlabel="model error (normalised)", ylabel=f"{name.upper()} penalty (normalised)")
+            ax.set_title(f"{name.upper()}, {set_name} samples (n={stats[set_name]['n']})\nPearson {s['pearson']:.2f}, Spearman {s['spearman']:.2f}", fontsize=9)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_fig3(data_xy: np.ndarray, support_xy: np.ndarray, support_penalties: dict[str, np.ndarray], path: str, title: str):
+    import matplotlib.pyplot as plt
+    from scipy.stats import gaussian_kde
+
+    both = np.concatenate([data_xy, support_xy])
+    low, high = both.min(0), both.max(0)
+    margin = 0.05 * (high - low)
+    gx, gy = np.meshgrid(*(np.linspace(low[d] - margin[d], high[d] + margin[d], 120) for d in range(2)))
+    density = gaussian_kde(data_xy.T)(np.stack([gx.ravel(), gy.ravel()])).reshape(gx.shape)
+    fig, axes = plt.subplots(1, len(support_penalties), figsize=(5.5 * len(support_penalties), 5), squeeze=False)
+    for ax, (name, penalty) in zip(axes[0], support_penalties.items()):
+        ax.contour(gx, gy, density, levels=8, colors="k", linewidths=0.7)
+        points = ax.scatter(*support_xy.T, c=normalised(penalty), cmap="YlOrRd", vmin=0, vmax=1, s=12, edgecolors="grey", linewidths=0.2)
+        fig.colorbar(points, ax=ax, label=f"{name.upper()} penalty (normalised)")
+        ax.set_title(f"{name.upper()}: {len(support_xy)} rollout samples; lines: dataset density (KDE)", fontsize=9)
+        ax.set(xticks=[], yticks=[], xlabel="UMAP 1", ylabel="UMAP 2")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def umap_embeddings(run: Run, fit_sa: np.ndarray, support_sa: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """UMAP fitted on dataset state-actions (standardised as the ensemble sees them), and the
+    rollout samples projected with the same map."""
+    import umap
+
+    mean, std = run.dynamics.input_mean.numpy(), run.dynamics.input_std.numpy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "n_jobs overridden by random_state": reproducibility is the point
+        mapper = umap.UMAP(random_state=seed).fit((fit_sa - mean) / std)
+        return mapper.embedding_, mapper.transform((support_sa - mean) / std)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def json_ready(value):
+    """Plain JSON: NaN (a constant penalty has no correlation) becomes null."""
+    if isinstance(value, dict):
+        return {key: json_ready(v) for key, v in value.items()}
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def sample_arrays(sets: dict[str, dict]) -> dict[str, np.ndarray]:
+    """Every sample's state-action, elite, error and penalties, so that anyone can recompute the statistics."""
+    arrays = {}
+    for set_name, s in sets.items():
+        arrays.update({f"{set_name}/{key}": np.asarray(s[key]) for key in ("obs", "act", "elite", "error")})
+        for name, values in s["penalties"].items():
+            arrays.update({f"{set_name}/{name}_{key}": value for key, value in values.items()})
+    return arrays
+
+
+def print_table(stats: dict):
+    print(f"{'set':8} {'penalty':8} {'n':>6} {'skipped':>7} {'pearson':>8} {'spearman':>8} {'mean':>9} {'tau<s1':>7} {'tau>s2':>7} {'bonus':>6}")
+    for set_name in ("dataset", "rollout"):
+        s = stats[set_name]
+        for name in ("drop", "mopo"):
+            if name in s:
+                p = s[name]
+                clip_columns = f"{p['tau_below_clip']:7.1%} {p['tau_above_clip']:7.1%} {p['raises_reward']:6.1%}" if name == "drop" else ""
+                print(f"{set_name:8} {name:8} {s['n']:6d} {s['skipped']:7d} {p['pearson']:8.3f} {p['spearman']:8.3f} {p['mean']:9.4f} {clip_columns}")
+
+
+def main(args: Args):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    if args.samples < MIN_SAMPLES:
+        raise SystemExit(f"error: --samples {args.samples} is too few for correlations; use at least {MIN_SAMPLES}")
+    start = time.perf_counter()
+    run_dir = args.run_dir.rstrip("/")
+    run = load_run(run_dir)
+    times = {"load": time.perf_counter() - start}
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    notes = []
+    if run.dice is None:
+        notes.append(f"a --penalty {run.args.penalty} run has no DICE heads: only MOPO's penalty is shown")
+    stored = simulator_states(run.data)
+    if stored is None:
+        notes.append(f"{run.data.name} stores no infos/qpos, infos/qvel: its states are rebuilt from observations, like the rollout samples")
+
+    # Fig. 2: errors and penalties on both sample sets.
+    tick = time.perf_counter()
+    rows = rng.choice(len(run.data), min(args.samples, len(run.data)), replace=False)
+    rollout_obs, rollout_act = rollout_samples(run, args.samples)
+    sets = {
+        "dataset": evaluate_set(run, run.data.observations[rows], run.data.actions[rows], None if stored is None else (stored[0][rows], stored[1][rows]), "dataset"),
+        "rollout": evaluate_set(run, rollout_obs, rollout_act, None, "rollout"),
+    }
+    stats = {
+        set_name: {"n": len(s["error"]), "skipped": s["skipped"], "states": s["states"], "error_mean": float(s["error"].mean()),
+                   **{name: summary(name, values, s["error"], run.hp) for name, values in s["penalties"].items()}}
+        for set_name, s in sets.items()
+    }
+    title = f"{run_dir}: {run.data.name}, --penalty {run.args.penalty}, epoch {run.checkpoint['epoch'] + 1}"
+    out = tempfile.mkdtemp(prefix=".diagnostics-", dir=run_dir)  # moved into place only when all is done
+    try:
+        plot_fig2(sets, stats, os.path.join(out, "fig2.png"), title)
+        times["fig2"] = time.perf_counter() - tick
+
+        # Fig. 3: the data support and where the rollout samples fall in it.
+        tick = time.perf_counter()
+        print(f"UMAP on {min(UMAP_FIT_SAMPLES, len(rows))} dataset state-actions (numba compiles for about a minute on first use)")
+        data_sa = np.concatenate([run.data.observations[rows], run.data.actions[rows]], 1)[:UMAP_FIT_SAMPLES]
+        rollout = sets["rollout"]
+        shown = rng.permutation(len(rollout["error"]))[:SUPPORT_SAMPLES]
+        data_xy, support_xy = umap_embeddings(run, data_sa, np.concatenate([rollout["obs"], rollout["act"]], 1)[shown], args.seed)
+        support_penalties = {name: values["penalty"][shown] for name, values in rollout["penalties"].items()}
+        plot_fig3(data_xy, support_xy, support_penalties, os.path.join(out, "fig3.png"), title + ("\n" + notes[0] if run.dice is None else ""))
+        times["fig3"] = time.perf_counter() - tick
+        times["total"] = time.perf_counter() - start
+
+        result = {
+            **stats,
+            "run": {"dir": run_dir, "dataset": run.data.name, "penalty": run.args.penalty, "epoch": run.checkpoint["epoch"], "eta": run.hp.eta,
+                    "transform": run.hp.transform, "clip": run.hp.clip, "below_clip": resolve(run.args.dice).below_clip, "horizon": run.hp.horizon},
+            "samples": args.samples, "seed": args.seed, "notes": notes, "times_s": {k: round(v, 2) for k, v in times.items()},
+        }
+        with open(os.path.join(out, "diagnostics.json"), "w") as file:
+            json.dump(json_ready(result), file, indent=1, allow_nan=False)
+        np.savez_compressed(os.path.join(out, "samples.npz"), **sample_arrays(sets))
+        final = os.path.join(run_dir, "diagnostics")
+        os.makedirs(final, exist_ok=True)
+        for name in ("fig2.png", "fig3.png", "diagnostics.json", "samples.npz"):
+            os.replace(os.path.join(out, name), os.path.join(final, name))
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+    for note in notes:
+        print(f"note: {note}")
+    print_table(stats)
+    print("times: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in times.items()))
+    print(f"wrote {final}/fig2.png, fig3.png, diagnostics.json, samples.npz")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
