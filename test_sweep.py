@@ -85,7 +85,9 @@ def kill_worker_once_started(run_dir: str, run_name: str, killed: dict, stop: th
         if pids:
             killed["worker_pid"] = process_state(pids[0])[1]
             os.kill(killed["worker_pid"], signal.SIGKILL)
-            time.sleep(0.5)  # the tiny run takes seconds; a drop.py still alive now outlived its worker
+            deadline = time.monotonic() + 2.0  # the tiny run has seconds left: alive after this, it outlived its worker
+            while process_state(pids[0])[0] not in ("Z", "gone") and time.monotonic() < deadline:
+                time.sleep(0.02)
             killed["drop_state_after"] = process_state(pids[0])[0]
             return
         time.sleep(0.02)
