@@ -464,11 +464,13 @@ def start_ray(address: str | None, num_cpus: int | None):
     """Connect to a cluster, or start a local Ray (unless this process already has one)."""
     if ray.is_initialized():
         return
-    if address is not None and num_cpus is not None:
-        raise SystemExit("error: --num-cpus sizes a local Ray; a cluster at --address has its own CPUs")
     local = {"num_cpus": num_cpus, "include_dashboard": False} if address is None else {}
     # Workers import this file's tasks by module name; the runs' output goes to logs/, not to this console.
-    ray.init(address=address, log_to_driver=False, logging_level="WARNING", runtime_env={"env_vars": {"PYTHONPATH": HERE}}, **local)
+    python_path = os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")]))
+    try:
+        ray.init(address=address, log_to_driver=False, logging_level="WARNING", runtime_env={"env_vars": {"PYTHONPATH": python_path}}, **local)
+    except ConnectionError as e:
+        raise SystemExit(f"error: no Ray cluster at --address {address} ({' '.join(str(e).split())}); start one with `ray start --head`, or leave out --address for a local Ray") from None
 
 
 @contextlib.contextmanager
@@ -483,17 +485,19 @@ def interrupt_message(bar):
 def main(args: Args, passthrough: list[str]) -> list[dict]:
     from tqdm import tqdm
 
+    if args.address is not None and args.num_cpus is not None:
+        raise SystemExit("error: --num-cpus sizes a local Ray; a cluster at --address has its own CPUs")
     drop_args = drop_flags_checked(passthrough)
     runs = plan(args, drop_args)
     dynamics_flags = [token for group in split_flags(passthrough) if group[0].startswith(("--dynamics.", "--device")) for token in group]
     sweep_dir = os.path.abspath(os.path.join("sweeps", args.name))
     refuse_changed_settings(sweep_dir, runs, drop_args)
-    for sub in ("runs", "dynamics", "logs"):
-        os.makedirs(os.path.join(sweep_dir, sub), exist_ok=True)
 
     finished = {run for run in runs if resume_flags(os.path.join(sweep_dir, "runs", run.name), run.epochs) is None}
     if len(finished) < len(runs):
         start_ray(args.address, args.num_cpus)
+        for sub in ("runs", "dynamics", "logs"):
+            os.makedirs(os.path.join(sweep_dir, sub), exist_ok=True)
     resources = {"num_cpus": args.cpus_per_run, "num_gpus": args.gpus_per_run}
     retry = {"max_retries": args.max_retries, "retry_exceptions": [ScriptKilled]}
     data_task = ray.remote(prepare_dataset).options(num_cpus=1, **retry)

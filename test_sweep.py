@@ -179,6 +179,7 @@ def test_cut_off_run_starts_over_without_resume(tmp_path):
         (["--seed", "3"], "--seed is set by sweep.py"),
         (["--epochz", "3"], "drop.py does not take `--epochz 3`"),
         (["--envs", "hopper-mediocre-v2"], "unknown dataset 'hopper-mediocre-v2'"),
+        (["--address", "auto", "--num-cpus", "2"], "--num-cpus sizes a local Ray"),
     ],
 )
 def test_bad_flags_end_in_one_line_before_anything_runs(argv, message, tmp_path, monkeypatch):
