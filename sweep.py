@@ -180,7 +180,7 @@ def split_flags(argv: list[str]) -> list[list[str]]:
 def drop_flags_checked(passthrough: list[str]) -> drop.Args:
     """drop.py's arguments from the pass-through flags; a flag drop.py refuses ends the sweep before it starts."""
     for group in split_flags(passthrough):
-        if group[0].split("=")[0] in SWEEP_FLAGS:
+        if group[0].split("=")[0].replace("_", "-") in SWEEP_FLAGS:
             raise SystemExit(f"error: {group[0]} is set by sweep.py for each run; use --envs, --seeds, --penalties, --etas, --name instead")
     try:
         with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):

@@ -177,6 +177,7 @@ def test_cut_off_run_starts_over_without_resume(tmp_path):
     "argv, message",
     [
         (["--seed", "3"], "--seed is set by sweep.py"),
+        (["--run_name=x"], "--run_name=x is set by sweep.py"),
         (["--epochz", "3"], "drop.py does not take `--epochz 3`"),
         (["--envs", "hopper-mediocre-v2"], "unknown dataset 'hopper-mediocre-v2'"),
         (["--address", "auto", "--num-cpus", "2"], "--num-cpus sizes a local Ray"),
