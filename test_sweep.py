@@ -83,8 +83,10 @@ def kill_worker_once_started(run_dir: str, run_name: str, killed: dict, stop: th
     while not stop.is_set():
         pids = drop_processes(run_name) if os.path.isdir(run_dir) else []
         if pids:
-            killed["worker_pid"] = process_state(pids[0])[1]
-            os.kill(killed["worker_pid"], signal.SIGKILL)
+            killed["worker_pid"] = worker = process_state(pids[0])[1]
+            with open(f"/proc/{worker}/cmdline", "rb") as file:
+                assert file.read().startswith(b"ray::"), "the drop.py's parent is not a Ray worker"  # never kill anything else
+            os.kill(worker, signal.SIGKILL)
             deadline = time.monotonic() + 2.0  # the tiny run has seconds left: alive after this, it outlived its worker
             while process_state(pids[0])[0] not in ("Z", "gone") and time.monotonic() < deadline:
                 time.sleep(0.02)
