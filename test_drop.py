@@ -87,6 +87,29 @@ def test_each_penalty_trains_and_logs_finite_values(runs, penalty):
         assert all(math.isfinite(v) for v in values), (tag, values)
 
 
+@pytest.mark.parametrize("penalty", ["drop", "mopo", "none"])
+def test_progress_csv_has_one_row_per_evaluation_matching_the_logs(runs, penalty):
+    """progress.csv (what sweeps read) agrees with the checkpoint and TensorBoard; the penalty's health is logged."""
+    import csv
+
+    with open(runs / "runs" / penalty / "progress.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert list(rows[0]) == drop.PROGRESS_COLUMNS and [int(row["epoch"]) for row in rows] == [0, 1]
+    scalars = logged_scalars(str(runs / "runs" / penalty))
+    assert [float(row["normalized_score"]) for row in rows] == pytest.approx(scalars["eval/normalized_score"])
+    assert float(rows[-1]["normalized_score"]) == torch.load(runs / "runs" / penalty / "checkpoint.pt", weights_only=True)["normalized_score"]
+    assert float(rows[-1]["penalty_mean"]) == pytest.approx(scalars["rollout/penalty_mean"][-1])
+    assert all(0 <= v <= 1 for v in scalars["rollout/bonus_fraction"])
+    if penalty == "drop":
+        assert float(rows[-1]["rollout_tau_mean"]) == pytest.approx(scalars["rollout/tau_mean"][-1])
+        assert len(scalars["dice/tau_data_mean"]) == 2
+        assert all(0 <= v <= 1 for tag in ("rollout/tau_below_clip", "rollout/tau_above_clip") for v in scalars[tag])
+    else:
+        assert math.isnan(float(rows[-1]["rollout_tau_mean"])) and "dice/tau_data_mean" not in scalars
+    if penalty == "none":
+        assert scalars["rollout/bonus_fraction"] == [0.0] * 4
+
+
 def test_penalties_differ(runs):
     """The three runs penalise differently: none has zero penalty, mopo and drop do not."""
     means = {p: logged_scalars(str(runs / "runs" / p))["rollout/penalty_mean"][-1] for p in ("drop", "mopo", "none")}

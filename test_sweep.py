@@ -1,0 +1,257 @@
+"""sweep.py: a tiny grid (two built-in datasets x two penalties x two seeds) on a local Ray with 2
+CPUs fills every cell of the table even when one run's Ray worker is SIGKILLed mid-sweep; the same
+command again trains nothing; the CSV's scores are the checkpoints'. The statistics match
+hand-computed values."""
+
+import csv
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+import ray
+import torch
+import tyro
+
+import datasets
+import sweep
+
+ENVS = ["builtin-hopper-medium", "builtin-halfcheetah-medium"]
+TINY = [
+    "--epochs", "2", "--steps-per-epoch", "20", "--rollout-freq", "20", "--rollout-batch-size", "100",
+    "--eval-every", "1", "--eval-episodes", "1", "--dice-steps", "5", "--dice.pretrain-steps", "5",
+    "--sac.hidden", "16", "--sac.batch-size", "64",
+    "--dynamics.num-members", "3", "--dynamics.num-elites", "2", "--dynamics.hidden", "8", "--dynamics.max-epochs", "1",
+]  # fmt: skip
+GRID = ["--envs", *ENVS, "--penalties", "drop", "none", "--seeds", "0", "1", "--name", "tiny", *TINY]
+KILLED_RUN = "builtin-halfcheetah-medium__drop__eta1__seed1"
+
+
+def run_sweep(argv: list[str]) -> list[dict]:
+    return sweep.main(*tyro.cli(sweep.Args, args=argv, return_unknown_args=True))
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A working folder, a built-in data cache holding 2000-step collections under the built-in
+    names (the real ones have 200,000), and one local Ray with 2 CPUs for every test here."""
+    workdir = tmp_path_factory.mktemp("work")
+    collect = datasets.collect
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DROP_DATA_DIR", str(workdir / "data"))  # set before Ray starts, so that its workers see it
+        patch.setenv("OMP_NUM_THREADS", "1")
+        patch.chdir(workdir)
+        with pytest.MonkeyPatch.context() as small:
+            small.setattr(datasets, "collect", lambda env_id, policy, num_transitions, seed, out: collect(env_id, policy, 2000, seed, out))
+            for env in ENVS:
+                datasets.load_dataset(env)
+        sweep.start_ray(None, 2)
+        try:
+            yield workdir
+        finally:
+            ray.shutdown()
+
+
+def drop_processes(run_name: str) -> list[int]:
+    """Process ids of drop.py commands running `run_name`."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as file:
+                argv = file.read().decode().split("\0")
+        except OSError:
+            continue
+        if any(arg.endswith("drop.py") for arg in argv) and run_name in argv:
+            pids.append(int(pid))
+    return pids
+
+
+def process_state(pid: int) -> tuple[str, int]:
+    """State letter (R, S, Z, ...) and parent id of a process; ("gone", 0) once it is reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            state, parent = file.read().rsplit(")", 1)[1].split()[:2]
+    except OSError:
+        return "gone", 0
+    return state, int(parent)
+
+
+def kill_worker_once_started(run_dir: str, run_name: str, killed: dict, stop: threading.Event):
+    """SIGKILL the Ray worker of `run_name` once its drop.py has made the run folder."""
+    while not stop.is_set():
+        pids = drop_processes(run_name) if os.path.isdir(run_dir) else []
+        if pids:
+            killed["worker_pid"] = worker = process_state(pids[0])[1]
+            with open(f"/proc/{worker}/cmdline", "rb") as file:
+                assert file.read().startswith(b"ray::"), "the drop.py's parent is not a Ray worker"  # never kill anything else
+            os.kill(worker, signal.SIGKILL)
+            deadline = time.monotonic() + 2.0  # the tiny run has seconds left: alive after this, it outlived its worker
+            while process_state(pids[0])[0] not in ("Z", "gone") and time.monotonic() < deadline:
+                time.sleep(0.02)
+            killed["drop_state_after"] = process_state(pids[0])[0]
+            return
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(workdir):
+    """The grid run once, with one run's Ray worker killed in the middle of that run."""
+    killed, stop = {}, threading.Event()
+    killer = threading.Thread(target=kill_worker_once_started, args=(str(workdir / "sweeps/tiny/runs" / KILLED_RUN), KILLED_RUN, killed, stop))
+    killer.start()
+    try:
+        rows = run_sweep(GRID)
+    finally:
+        stop.set()
+        killer.join()
+    return rows, killed
+
+
+def test_every_cell_filled_although_a_worker_was_killed(tiny_sweep, workdir):
+    rows, killed = tiny_sweep
+    assert killed, "the run to kill never started"
+    assert killed["drop_state_after"] in ("Z", "gone"), "the killed worker's drop.py lives on"
+    assert len(rows) == 8 and all(row["epochs"] == 2 for row in rows)
+    assert {(row["dataset"], row["penalty"], row["seed"]) for row in rows} == {(e, p, s) for e in ENVS for p in ("drop", "none") for s in (0, 1)}
+    table = (workdir / "sweeps/tiny/table.md").read_text()
+    for env in ENVS:
+        line = next(line for line in table.splitlines() if line.startswith(f"| {env} |"))
+        assert line.count("(2)") == 2, line  # drop and none, two seeds each
+    assert "Failed" not in table and "P(X > Y)" in table
+    assert (workdir / "sweeps/tiny/curves.png").stat().st_size > 1000
+
+
+def test_csv_scores_are_the_checkpoint_scores(tiny_sweep, workdir):
+    with open(workdir / "sweeps/tiny/results.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == 8
+    for row in rows:
+        checkpoint = torch.load(workdir / "sweeps/tiny" / row["run_dir"] / "checkpoint.pt", weights_only=True)
+        assert float(row["normalized_score"]) == checkpoint["normalized_score"]
+        assert row["host"] and float(row["wall_seconds"]) > 0
+
+
+def test_runs_share_one_ensemble_per_dataset_and_seed(tiny_sweep, workdir):
+    ensembles = sorted(os.listdir(workdir / "sweeps/tiny/dynamics"))
+    assert ensembles == sorted(f"{env}__seed{seed}.pt" for env in ENVS for seed in (0, 1))
+    for row in tiny_sweep[0]:
+        checkpoint = torch.load(workdir / "sweeps/tiny" / row["run_dir"] / "checkpoint.pt", weights_only=True)
+        assert checkpoint["args"]["dynamics_path"].endswith(f"dynamics/{row['dataset']}__seed{row['seed']}.pt")
+
+
+def test_rerun_trains_nothing(tiny_sweep, workdir, capsys):
+    # Checkpoints, ensembles, and the logs that every started script writes: none may change.
+    outputs = [*(workdir / "sweeps/tiny").glob("runs/*/checkpoint.pt"), *(workdir / "sweeps/tiny").glob("dynamics/*.pt"), *(workdir / "sweeps/tiny").glob("logs/*.log")]
+    assert len(outputs) == 8 + 4 + (8 + 4)  # checkpoints, ensembles, logs of runs and ensembles
+    before = {path: path.stat().st_mtime_ns for path in outputs}
+    rows = run_sweep(GRID)
+    assert "8 already finished, 0 to run" in capsys.readouterr().out
+    assert {path: path.stat().st_mtime_ns for path in outputs} == before
+    assert [row["normalized_score"] for row in rows] == [row["normalized_score"] for row in tiny_sweep[0]]
+
+
+@pytest.mark.parametrize("flag, old, new", [("--sac.hidden", "16", "32"), ("--dynamics.hidden", "8", "16")])
+def test_rerun_with_other_settings_is_refused(tiny_sweep, flag, old, new):
+    """Finished runs and ensembles made with other flags would mix two experiments in one table."""
+    argv = GRID.copy()
+    argv[argv.index(flag) + 1] = new
+    with pytest.raises(SystemExit, match=f"{flag} {old} then, {new} now"):
+        run_sweep(argv)
+
+
+def test_cut_off_run_starts_over_without_resume(tmp_path):
+    """A checkpoint short of the planned epochs is not finished; without a "finished" key it cannot be resumed."""
+    run_dir = tmp_path / "run"
+    assert sweep.resume_flags(str(run_dir), 2) == []
+    run_dir.mkdir()
+    torch.save({"epoch": 0, "normalized_score": 1.0}, run_dir / "checkpoint.pt")
+    assert sweep.resume_flags(str(run_dir), 2) == []
+    assert sweep.resume_flags(str(run_dir), 1) is None
+    torch.save({"epoch": 0, "normalized_score": 1.0, "finished": False, "epochs": 2}, run_dir / "checkpoint.pt")
+    assert sweep.resume_flags(str(run_dir), 2) == ["--resume", str(run_dir)]
+    torch.save({"epoch": 1, "normalized_score": 1.0, "finished": True, "epochs": 2}, run_dir / "checkpoint.pt")
+    assert sweep.resume_flags(str(run_dir), 2) is None
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--seed", "3"], "--seed is set by sweep.py"),
+        (["--run_name=x"], "--run_name=x is set by sweep.py"),
+        (["--epochz", "3"], "drop.py does not take `--epochz 3`"),
+        (["--envs", "hopper-mediocre-v2"], "unknown dataset 'hopper-mediocre-v2'"),
+        (["--address", "auto", "--num-cpus", "2"], "--num-cpus sizes a local Ray"),
+    ],
+)
+def test_bad_flags_end_in_one_line_before_anything_runs(argv, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=message) as error:
+        run_sweep(argv)
+    assert str(error.value).startswith("error: ") and "\n" not in str(error.value)
+    assert not (tmp_path / "sweeps").exists()
+
+
+def test_grid_defaults_to_table_etas_and_runs_none_once():
+    runs = sweep.plan(tyro.cli(sweep.Args, args=["--envs", "hopper-medium-v2", "halfcheetah-random-v2", "--penalties", "drop", "none", "--seeds", "0"]), sweep.drop.Args())
+    assert [(r.task, r.penalty, r.eta, r.epochs, r.column) for r in runs] == [
+        ("hopper-medium", "drop", 5.0, 1500, "drop"), ("hopper-medium", "none", 0.0, 1500, "none"),
+        ("halfcheetah-random", "drop", 0.5, 500, "drop"), ("halfcheetah-random", "none", 0.0, 500, "none"),
+    ]  # fmt: skip
+    runs = sweep.plan(tyro.cli(sweep.Args, args=["--penalties", "drop", "none", "--etas", "1", "2", "--seeds", "0"]), sweep.drop.Args(epochs=3))
+    assert [(r.penalty, r.eta, r.epochs, r.column) for r in runs] == [("drop", 1.0, 3, "drop eta=1"), ("drop", 2.0, 3, "drop eta=2"), ("none", 0.0, 3, "none")]
+
+
+def test_table_puts_the_paper_beside_ours_and_leaves_gaps_visible():
+    runs = sweep.plan(tyro.cli(sweep.Args, args=["--envs", "hopper-medium-v2", "builtin-halfcheetah-medium", "--penalties", "drop", "none", "--seeds", "0", "1"]), sweep.drop.Args())
+    scores = iter([10.0, 20.0, 5.0, 5.0, 30.0, 50.0, 7.0])  # the last run (halfcheetah, none, seed 1) failed
+    rows = {run: {"normalized_score": score} for run, score in zip(runs, scores)}
+    table = sweep.format_table("Sweep `t`", runs, rows, ["halfcheetah none seed 1: it broke"], reps=100)
+    assert "| hopper-medium-v2 | 15.0 ± 7.1 (2) | 5.0 ± 0.0 (2) | 52.1 | 26.3 | 4.9 |" in table
+    assert "| builtin-halfcheetah-medium | 40.0 ± 14.1 (2) | 7.0 (1) | 50.2† | 42.3† | 28.3† |" in table
+    assert "| drop | 25.0 |" in table  # IQM of 10, 20, 30, 50
+    assert "| none | 5.7 |" in table and "Not aggregated" not in table  # a missing seed still leaves a score on each dataset
+    assert "| drop | none | 1.00 |" in table and "- halfcheetah none seed 1: it broke" in table
+    rows.pop(runs[2])
+    rows.pop(runs[3])
+    table = sweep.format_table("Sweep `t`", runs, rows, [], reps=100)
+    assert "| hopper-medium-v2 | 15.0 ± 7.1 (2) | — |" in table and "Not aggregated, for lack of a score on every dataset: none." in table
+    assert "P(X > Y)" not in table
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics, against values worked out by hand
+
+
+def test_iqm_drops_the_lowest_and_highest_quarter():
+    assert sweep.iqm(np.arange(1.0, 9.0)) == 4.5  # mean of 3, 4, 5, 6
+    assert sweep.iqm(np.array([0.0, 0.0, 0.0, 100.0])) == 0.0  # one of four cut at each end
+    assert sweep.iqm(np.array([1.0, 2.0, 30.0])) == 11.0  # n < 4 cuts nothing
+    np.testing.assert_allclose(sweep.iqm(np.array([[1.0, 2, 3, 4], [8, 4, 2, 6]])), [2.5, 5.0])  # along the last axis
+
+
+def test_probability_of_improvement_counts_ties_half_and_averages_tasks():
+    # Task 1: pairs (1,2) loses, (1,0) wins, (2,2) ties, (2,0) wins -> 2.5 / 4. Task 2: X always wins -> 1.
+    x = [np.array([1.0, 2.0]), np.array([5.0])]
+    y = [np.array([2.0, 0.0]), np.array([3.0, 4.0])]
+    assert sweep.probability_of_improvement(x, y) == pytest.approx((0.625 + 1.0) / 2)
+    assert sweep.probability_of_improvement(y, x) == pytest.approx((0.375 + 0.0) / 2)
+
+
+def test_bootstrap_resamples_within_each_task_only():
+    """Two tasks at 0 and 10, two runs each: every stratified resample holds two 0s and two 10s,
+    so the IQM (the mean of the middle two) is 5 every time; pooling the tasks would vary it."""
+    value, interval = sweep.iqm_with_ci([np.zeros(2), np.full(2, 10.0)], reps=2000)
+    assert value == 5.0 and interval == (5.0, 5.0)
+
+
+def test_bootstrap_percentile_interval_of_a_two_run_task():
+    """Runs 0 and 1: a resample's mean is 0, 0.5 or 1 with chances 1/4, 1/2, 1/4, so the 95% interval is [0, 1]
+    and the 50% interval is [0.5, 0.5]."""
+    runs = [np.array([0.0, 1.0])]
+    assert sweep.iqm_with_ci(runs, reps=4000) == (0.5, (0.0, 1.0))
+    boot = sweep.iqm(np.concatenate(sweep.stratified_resample(runs, 4000, np.random.default_rng(0)), -1))
+    assert sweep.percentile_interval(boot, confidence=0.5) == (0.5, 0.5)
+    value, interval = sweep.improvement_with_ci([np.array([1.0, 2.0])], [np.array([0.0, 0.5])], reps=1000)
+    assert value == 1.0 and interval == (1.0, 1.0)
