@@ -59,12 +59,13 @@ ZERO_POLICY = types.SimpleNamespace(actor=lambda obs: (torch.zeros(len(obs), ACT
 NEVER_TERMINATED = lambda next_obs: torch.zeros(len(next_obs), dtype=torch.bool)
 
 
-def run_rollout(penalty: str, dynamics, dice=None, horizon=1, eta=2.5, transform="log", clip=(0.01, 10.0), terminated_fn=NEVER_TERMINATED, num_starts=600):
+def run_rollout(penalty: str, dynamics, dice=None, horizon=1, eta=2.5, transform="log", clip=(0.01, 10.0), terminated_fn=NEVER_TERMINATED, num_starts=600, dice_config=None):
     torch.manual_seed(0)
     hp = drop.TaskDefaults(horizon=horizon, eta=eta, dice_steps=1, dice_lr=1e-4, dice_lambda=0.1, clip=clip, transform=transform, epochs=1)
     buffer = ReplayBuffer(num_starts * horizon, OBS_DIM, ACT_DIM, torch.device("cpu"))
     start_obs = torch.randn(num_starts, OBS_DIM)
-    summary = drop.rollout(dynamics, ZERO_POLICY, dice, start_obs, hp, drop.Args(penalty=penalty), terminated_fn, buffer)
+    args = drop.Args(penalty=penalty, dice=dice_config or drop.DiceConfig())
+    summary = drop.rollout(dynamics, ZERO_POLICY, dice, start_obs, hp, args, terminated_fn, buffer)
     rows = {name: getattr(buffer, name)[: buffer.size] for name in ("obs", "act", "rew", "next_obs", "done")}
     return rows, summary, start_obs
 
@@ -97,6 +98,25 @@ def test_drop_stores_reward_minus_eta_times_the_penalty_of_the_producing_members
     expected = REWARDS[member] - 2.5 * expected_penalty(TAU[elite])
     assert torch.allclose(rows["rew"], expected, atol=1e-6)
     assert torch.equal(rows["next_obs"], rows["obs"] + OFFSETS[member])
+
+
+@pytest.mark.parametrize("below_clip, penalty_below", [("clip", math.log(0.01)), ("zero", 0.0), ("max", math.log(10.0))])
+def test_untrusted_tau_gets_the_chosen_penalty_and_the_health_is_counted_per_sample(below_clip, penalty_below):
+    """Head 0's tau (0.001) is below the clip: its samples get log(s1), 0 or log(s2); the others keep log(clip(tau)).
+    The rollout's health: the share of samples at or below s1 (elite 0's), at or above s2 (elite 2's),
+    and of samples whose penalty raised the reward.
+
+    Catches: ignoring --dice.below-clip, applying it to the samples inside the clip, counting tau
+    below the clip by head instead of by sample, and a bonus fraction of the wrong sign."""
+    rows, summary, _ = run_rollout("drop", StepEnsemble(stds=[0.0] * 4), fixed_tau_dice(TAU), dice_config=drop.DiceConfig(below_clip=below_clip))
+    elite = torch.tensor([ELITES.index(m) for m in member_of(rows).tolist()])
+    penalty = torch.tensor([penalty_below, math.log(0.5), math.log(10.0)])[elite]
+    assert torch.allclose(rows["rew"], REWARDS[member_of(rows)] - 2.5 * penalty, atol=1e-6)
+    share = lambda mask: mask.float().mean().item()
+    assert summary["tau_below_clip"] == pytest.approx(share(elite == 0))
+    assert summary["tau_above_clip"] == pytest.approx(share(elite == 2))
+    assert summary["bonus_fraction"] == pytest.approx(share(penalty < 0))
+    assert summary["penalty_mean"] == pytest.approx(penalty.mean().item(), abs=1e-5)
 
 
 def test_samples_step_only_with_elites():
