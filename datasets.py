@@ -742,7 +742,8 @@ def concat(files: tuple[Path, ...], out: Path, rows_each: int | None = None) -> 
     for path in files:
         arrays, _ = _read_arrays(path)
         with h5py.File(path, "r") as file:
-            file.visititems(lambda key, item: arrays.setdefault(key, item[()]) if isinstance(item, h5py.Dataset) else None)
+            # visititems stops at the first callback that returns something, so this one returns None.
+            file.visititems(lambda key, item: None if key in arrays or not isinstance(item, h5py.Dataset) else arrays.update({key: item[()]}))
         if rows_each is not None and rows_each > len(arrays["rewards"]):
             raise DatasetError(f"{path} has {len(arrays['rewards'])} rows, fewer than --rows-each {rows_each}")
         parts.append({key: array[:rows_each] for key, array in arrays.items()})

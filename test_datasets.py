@@ -459,3 +459,21 @@ def test_cli_collect_then_info(tmp_path, capsys):
     assert "task:        hopper-expert" in printed
     assert "D4RL-normalised, eval env Hopper-v4" in printed
     assert "seed: 5" in printed
+
+
+def test_concat_joins_files_row_by_row_with_infos_and_cuts_between_them(tmp_path, capsys):
+    """Equal parts of two files, every key (infos/qpos too), and no episode running from one part into the next."""
+    first, second, joined = tmp_path / "a.hdf5", tmp_path / "b.hdf5", tmp_path / "ab.hdf5"
+    datasets.collect("Hopper-v4", "random", 300, seed=1, out=first)
+    datasets.collect("Hopper-v4", "random", 200, seed=2, out=second)
+    datasets.main(["concat", "--out", str(joined), str(first), str(second), "--rows-each", "120"])
+    assert "wrote 240 rows" in capsys.readouterr().out
+    a, b, ab = read_raw(first), read_raw(second), read_raw(joined)
+    for key in (*REQUIRED_KEYS, "infos/qpos", "infos/qvel"):
+        np.testing.assert_array_equal(ab[key], np.concatenate([a[key][:120], b[key][:120]]) if key != "timeouts" else ab[key])
+    cut = ab["timeouts"] | ab["terminals"]
+    assert cut[119] and cut[239]
+    assert (ab["timeouts"][:119] == a["timeouts"][:119]).all()
+    with pytest.raises(SystemExit, match="fewer than --rows-each"):
+        datasets.main(["concat", "--out", str(tmp_path / "too-many.hdf5"), str(first), str(second), "--rows-each", "250"])
+    assert not (tmp_path / "too-many.hdf5").exists()

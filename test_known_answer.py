@@ -82,12 +82,13 @@ def test_command_writes_the_statistics_their_course_and_a_plot(hopper_file, tmp_
     ensemble = tmp_path / "tiny.pt"
     dynamics.main(tyro.cli(dynamics.Args, args=["--env", "hopper-medium-v2", "--dataset", hopper_file, "--out", str(ensemble),
                                                "--dynamics.hidden", "16", "--dynamics.max-epochs", "1"]))
-    for policy in (POLICY, "uniform"):
+    for policy, preset, lam in ((POLICY, "authors", 0.1), ("uniform", "checked", 1.0)):  # hopper-medium's table lam, the preset's
         out, plot = tmp_path / "out.json", tmp_path / "course.png"
         dice.main(tyro.cli(dice.Args, args=["--env", "hopper-medium-v2", "--dataset", hopper_file, "--dynamics-path", str(ensemble),
                                             "--policy", policy, "--steps", "30", "--eval-every", "20", "--segments", "2",
-                                            "--device", "cpu", "--json", str(out), "--plot", str(plot)]))
+                                            "--device", "cpu", "--json", str(out), "--plot", str(plot), "--dice.preset", preset]))
         result = json.loads(out.read_text())
+        assert (result["lam"], result["lr"], result["dice"]["preset"]) == (lam, 1e-4, preset)
         assert {"mean_tau", "mean_abs_tau_minus_1", "below_clip", "steps", "mean_tau_by_segment"} <= result.keys()
         assert [entry["step"] for entry in result["course"]] == [20, 30]
         assert result["mean_tau"] == pytest.approx(sum(result["mean_tau_by_segment"]) / 2, rel=1e-4)  # equal halves
