@@ -11,7 +11,8 @@ minimised over tau and maximised over f and nu. DROP keeps one head (tau, f, nu)
 dynamics member, because the ratio depends on the model that generates the rollouts.
 
 Run as a script, it estimates the ratio of one fixed policy, trained exactly as drop.py trains
-it, and reports how far it is from known answers (E_D[tau] = 1 for any policy):
+it, and reports E_D[tau] (1 for any policy whose occupancy the data covers; the covered share
+of it otherwise), E_D|tau - 1| and the fraction of tau below the clip, and their course:
 
     python dice.py --dynamics-path ENSEMBLE.pt --policy policies/hopper-medium.npz --steps 8000 --json out.json
 """
