@@ -526,7 +526,7 @@ def main(args: Args):
             epoch_start = time.perf_counter()
             if dice is not None and progress.step == 0:
                 objective = train_dice(dice, dice_opt, real_obs, real_act, dice_next_obs, real_obs, sample_action, hp.dice_steps, dice_config, hp.dice_lambda)
-                # GradientDICE's constraint makes E_D[tau] = 1 for every policy; far from 1 means the estimate failed.
+                # E_D[tau] is 1 for a policy the data covers, else the share of its occupancy the data covers; below 0 is a failed estimate.
                 with torch.no_grad():
                     tau_data = dice.ratio(real_obs[health_idx], real_act[health_idx]).mean()
                 progress.dice = {"objective": objective.mean().item(), "tau_data_mean": tau_data.item()}
