@@ -54,16 +54,17 @@ def workdir(tmp_path_factory):
             ray.shutdown()
 
 
-def drop_processes(run_name: str) -> list[int]:
-    """Process ids of drop.py commands running `run_name`."""
+def drop_processes(run_name: str, sweep_dir: str) -> list[int]:
+    """Process ids of drop.py commands running `run_name` in `sweep_dir` (not another sweep's run of the same name)."""
     pids = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as file:
                 argv = file.read().decode().split("\0")
+            cwd = os.readlink(f"/proc/{pid}/cwd")
         except OSError:
             continue
-        if any(arg.endswith("drop.py") for arg in argv) and run_name in argv:
+        if any(arg.endswith("drop.py") for arg in argv) and run_name in argv and os.path.samefile(cwd, sweep_dir):
             pids.append(int(pid))
     return pids
 
@@ -81,7 +82,7 @@ def process_state(pid: int) -> tuple[str, int]:
 def kill_worker_once_started(run_dir: str, run_name: str, killed: dict, stop: threading.Event):
     """SIGKILL the Ray worker of `run_name` once its drop.py has made the run folder."""
     while not stop.is_set():
-        pids = drop_processes(run_name) if os.path.isdir(run_dir) else []
+        pids = drop_processes(run_name, os.path.dirname(os.path.dirname(run_dir))) if os.path.isdir(run_dir) else []
         if pids:
             killed["worker_pid"] = worker = process_state(pids[0])[1]
             with open(f"/proc/{worker}/cmdline", "rb") as file:
