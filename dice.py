@@ -212,7 +212,7 @@ def penalty(tau: torch.Tensor, transform: Transform, clip: tuple[float, float] |
 @dataclass
 class Args:
     dynamics_path: str
-    """the trained ensemble whose elites generate s' (dynamics.py or a drop.py run's dynamics.pt)"""
+    """the trained ensemble whose elites generate s' (dynamics.py's, or the one a drop.py run used: its checkpoint's dynamics_path)"""
     policy: str
     """the fixed policy: a .npz in the policies/ format (sampled stochastically) or `uniform` (uniform random actions)"""
     env: str = "builtin-hopper-medium"
