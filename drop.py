@@ -325,11 +325,15 @@ def checkpoint_file(run: str) -> str:
     return run if run.endswith(".pt") else os.path.join(run, "checkpoint.pt")
 
 
-def flat_fields(args: Args) -> dict:
-    """asdict(args) with nested configs as dotted names: {"sac.actor_lr": 3e-4, ...}."""
+def flat_fields(values: dict, prefix: str = "") -> dict:
+    """asdict(args) with nested configs as dotted names, {"sac": {"actor_lr": 3e-4}} -> {"sac.actor_lr": 3e-4},
+    and tuples as lists, so that arguments read back from a checkpoint compare equal to the same ones given anew."""
     flat = {}
-    for name, value in asdict(args).items():
-        flat.update({f"{name}.{key}": inner for key, inner in value.items()} if isinstance(value, dict) else {name: value})
+    for name, value in values.items():
+        if isinstance(value, dict):
+            flat |= flat_fields(value, f"{prefix}{name}.")
+        else:
+            flat[prefix + name] = list(value) if isinstance(value, tuple) else value
     return flat
 
 
@@ -346,7 +350,7 @@ def parse_args(argv: list[str]) -> Args:
 
 def refuse_changes(saved: Args, args: Args):
     """One line naming every argument of a resumed run that differs from the run's own, unless it may change."""
-    before, after = flat_fields(saved), flat_fields(args)
+    before, after = flat_fields(asdict(saved)), flat_fields(asdict(args))
     changed = [name for name, value in after.items() if name not in RESUME_MAY_CHANGE and value != before.get(name)]
     if changed:
         flags = ", ".join(f"--{name.replace('_', '-')} {after[name]}" for name in changed)

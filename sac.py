@@ -100,21 +100,24 @@ class Actor(nn.Module):
         action, _ = self(torch.as_tensor(obs, dtype=torch.float32, device=device), deterministic)
         return action.cpu().numpy()
 
+    def npz_layers(self) -> dict[str, nn.Linear]:
+        """Each layer under its suffix in the policies/*.npz format (w0/b0, w1/b1, w_mean/b_mean, w_logstd/b_logstd)."""
+        return {"0": self.trunk[0], "1": self.trunk[2], "_mean": self.mean, "_logstd": self.log_std}
+
     @classmethod
     def from_npz_arrays(cls, arrays: dict[str, np.ndarray]) -> "Actor":
         """The inverse of to_npz_arrays: an actor from a policies/*.npz file's arrays."""
         hidden, obs_dim = arrays["w0"].shape
         actor = cls(obs_dim, arrays["w_mean"].shape[0], hidden)
-        for suffix, layer in {"0": actor.trunk[0], "1": actor.trunk[2], "_mean": actor.mean, "_logstd": actor.log_std}.items():
+        for suffix, layer in actor.npz_layers().items():
             layer.weight.data.copy_(torch.as_tensor(arrays[f"w{suffix}"]))
             layer.bias.data.copy_(torch.as_tensor(arrays[f"b{suffix}"]))
         return actor
 
     def to_npz_arrays(self) -> dict[str, np.ndarray]:
         """Plain arrays for datasets.py's numpy collector (no torch, no pickle)."""
-        layers = {"0": self.trunk[0], "1": self.trunk[2], "_mean": self.mean, "_logstd": self.log_std}
         arrays = {}
-        for suffix, layer in layers.items():
+        for suffix, layer in self.npz_layers().items():
             arrays[f"w{suffix}"] = layer.weight.detach().cpu().numpy()
             arrays[f"b{suffix}"] = layer.bias.detach().cpu().numpy()
         return arrays

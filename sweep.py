@@ -225,17 +225,6 @@ def resume_flags(run_dir: str, planned_epochs: int) -> list[str] | None:
     return ["--resume", run_dir] if "finished" in checkpoint else []
 
 
-def flatten(values: dict, prefix: str = "") -> dict:
-    """{"sac": {"hidden": 16}} -> {"sac.hidden": 16}, tuples as lists (as a checkpoint may give them back)."""
-    flat = {}
-    for name, value in values.items():
-        if isinstance(value, dict):
-            flat |= flatten(value, f"{prefix}{name}.")
-        else:
-            flat[prefix + name] = list(value) if isinstance(value, tuple) else value
-    return flat
-
-
 def refuse_changed_settings(sweep_dir: str, runs: list[Run], drop_args: drop.Args):
     """Stop before anything runs if a run or ensemble already in sweep_dir was made with other
     settings than this command's: mixing them would put two experiments in one table."""
@@ -248,8 +237,8 @@ def refuse_changed_settings(sweep_dir: str, runs: list[Run], drop_args: drop.Arg
     for path, key, wanted, flag_prefix in saved_files:
         if not os.path.isfile(path):
             continue
-        saved = flatten(torch.load(path, map_location="cpu", weights_only=True)[key])
-        changed = [f"{flag_prefix}{name.replace('_', '-')} {saved[name]} then, {value} now" for name, value in flatten(wanted).items() if name in saved and name not in ignored and saved[name] != value]
+        saved = drop.flat_fields(torch.load(path, map_location="cpu", weights_only=True)[key])
+        changed = [f"{flag_prefix}{name.replace('_', '-')} {saved[name]} then, {value} now" for name, value in drop.flat_fields(wanted).items() if name in saved and name not in ignored and saved[name] != value]
         if changed:
             raise SystemExit(f"error: {path} was made with other settings ({'; '.join(changed)}); give this sweep another --name, or delete that file")
 
