@@ -2,6 +2,7 @@
 
     python drop.py --env hopper-medium-v2 --eta 1.0
     python drop.py --resume runs/RUN          # continue a stopped run exactly where it stopped
+    python drop.py --resume runs/RUN --epochs 500   # train a run on: the same as a 500-epoch run
 
 1. Fit a bootstrapped ensemble of probabilistic dynamics models to the offline data.
 2. Every epoch, train one GradientDICE head per elite member to estimate
@@ -115,7 +116,7 @@ class Args:
     no_dynamics_cache: bool = False
     """train the ensemble into runs/RUN/dynamics.pt instead of reusing or filling $DROP_CACHE_DIR (default ~/.cache/drop/dynamics)"""
     resume: str | None = None
-    """continue the stopped run in this folder (runs/RUN) from its checkpoint, with its own arguments; only --seed, the learning rates, --device and --track may change"""
+    """continue the stopped run in this folder (runs/RUN) from its checkpoint, with its own arguments; only --seed, the learning rates, --epochs (to extend it), --device and --track may change"""
     seed: int = 0
     """seed of everything: dynamics, DICE, SAC, rollouts and evaluation resets"""
     device: str = "auto"
@@ -317,8 +318,9 @@ def restore_checkpoint(checkpoint: dict, agent: SAC, dice: GradientDICE | None, 
 
 # Keys a checkpoint needs for --resume (eval.py needs fewer).
 RESUME_KEYS = ("args", "epoch", "epochs", "finished", "epoch_progress", "model_buffer", "rng", "actor_opt", "dynamics_path", "eval_history")
-# What a resumed run may change: the way out of a NaN (another seed, smaller steps) and where it runs.
-RESUME_MAY_CHANGE = {"resume", "seed", "sac.actor_lr", "sac.critic_lr", "sac.alpha_lr", "dice_lr", "dice.f_lr", "dice.nu_lr", "device", "track"}
+# What a resumed run may change: the way out of a NaN (another seed, smaller steps), where it runs,
+# and its length (more epochs extend a run; nothing in an epoch depends on the total).
+RESUME_MAY_CHANGE = {"resume", "seed", "sac.actor_lr", "sac.critic_lr", "sac.alpha_lr", "dice_lr", "dice.f_lr", "dice.nu_lr", "device", "track", "epochs"}
 
 
 def checkpoint_file(run: str) -> str:
@@ -354,7 +356,7 @@ def refuse_changes(saved: Args, args: Args):
     changed = [name for name, value in after.items() if name not in RESUME_MAY_CHANGE and value != before.get(name)]
     if changed:
         flags = ", ".join(f"--{name.replace('_', '-')} {after[name]}" for name in changed)
-        raise SystemExit(f"error: {flags} would change the run that --resume continues; only --seed, the learning rates, --device and --track may change (start a new run for the rest)")
+        raise SystemExit(f"error: {flags} would change the run that --resume continues; only --seed, the learning rates, --epochs, --device and --track may change (start a new run for the rest)")
 
 
 def dataset_sha256(data: OfflineDataset) -> str:
@@ -440,9 +442,12 @@ def main(args: Args):
     if args.resume:
         checkpoint = load_checkpoint(checkpoint_file(args.resume), RESUME_KEYS, mmap=True)
         refuse_changes(args_from_dict(checkpoint["args"]), args)
-        if checkpoint["finished"]:
-            print(f"{args.resume} is finished ({checkpoint['epochs']} of {checkpoint['epochs']} epochs); nothing to resume")
+        epochs, done = args.epochs or checkpoint["epochs"], checkpoint["epoch"] + 1
+        if checkpoint["finished"] and epochs == done:
+            print(f"{args.resume} is finished ({done} of {done} epochs); nothing to resume (a larger --epochs extends it)")
             return
+        if epochs <= done:
+            raise SystemExit(f"error: --epochs {epochs}, but {args.resume} has done {done} epochs already; give more than {done} to extend it")
     try:
         data = load_dataset(args.env, args.dataset)
     except DatasetError as e:

@@ -212,6 +212,7 @@ def dynamics_path(sweep_dir: str, env: str, seed: int) -> str:
 
 def resume_flags(run_dir: str, planned_epochs: int) -> list[str] | None:
     """None when the run is finished; otherwise the drop.py flags that carry it on ([] = start over).
+    A run finished with fewer epochs than planned is extended (the same as a run planned that long).
 
     Checkpoints that say "finished" come from a drop.py with --resume; older ones are finished
     when their last epoch is the planned last epoch, and cannot be continued.
@@ -220,15 +221,15 @@ def resume_flags(run_dir: str, planned_epochs: int) -> list[str] | None:
     if not os.path.isfile(path):
         return []
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if checkpoint.get("finished", checkpoint["epoch"] + 1 == planned_epochs):
+    if checkpoint.get("finished", checkpoint["epoch"] + 1 == planned_epochs) and checkpoint.get("epochs", planned_epochs) == planned_epochs:
         return None
-    return ["--resume", run_dir] if "finished" in checkpoint else []
+    return ["--resume", run_dir, "--epochs", str(planned_epochs)] if "finished" in checkpoint else []
 
 
 def refuse_changed_settings(sweep_dir: str, runs: list[Run], drop_args: drop.Args):
     """Stop before anything runs if a run or ensemble already in sweep_dir was made with other
     settings than this command's: mixing them would put two experiments in one table."""
-    ignored = {"dynamics_path", "device", "track", "resume"}  # where and how a run ran, not what it computed
+    ignored = {"dynamics_path", "device", "track", "resume", "epochs"}  # where and how a run ran, not what it computed; more epochs extend a run
     saved_files = [(dynamics_path(sweep_dir, run.env, run.seed), "config", asdict(drop_args.dynamics), "--dynamics.") for run in runs]
     saved_files += [
         (os.path.join(sweep_dir, "runs", run.name, "checkpoint.pt"), "args", asdict(replace(drop_args, env=run.env, penalty=run.penalty, eta=run.eta, seed=run.seed, run_name=run.name)), "--")
@@ -241,6 +242,10 @@ def refuse_changed_settings(sweep_dir: str, runs: list[Run], drop_args: drop.Arg
         changed = [f"{flag_prefix}{name.replace('_', '-')} {saved[name]} then, {value} now" for name, value in drop.flat_fields(wanted).items() if name in saved and name not in ignored and saved[name] != value]
         if changed:
             raise SystemExit(f"error: {path} was made with other settings ({'; '.join(changed)}); give this sweep another --name, or delete that file")
+    for run in runs:
+        path = os.path.join(sweep_dir, "runs", run.name, "checkpoint.pt")
+        if os.path.isfile(path) and (done := torch.load(path, map_location="cpu", weights_only=True)["epoch"] + 1) > run.epochs:
+            raise SystemExit(f"error: {path} has done {done} epochs, more than this sweep's {run.epochs}; a sweep can extend its runs, not shorten them (give --epochs {done} or more, or another --name)")
 
 
 # ---------------------------------------------------------------------------------------------

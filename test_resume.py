@@ -129,7 +129,21 @@ def test_sigterm_finishes_the_update_checkpoints_and_says_how_to_resume(hopper_f
 
 def test_resume_of_a_finished_run_says_so(workdir, uninterrupted, capsys):
     drop.main(drop.parse_args(["--resume", str(workdir / "runs" / "uninterrupted")]))
-    assert "is finished (4 of 4 epochs)" in capsys.readouterr().out
+    assert "is finished (4 of 4 epochs); nothing to resume (a larger --epochs extends it)" in capsys.readouterr().out
+
+
+def test_a_finished_run_extended_with_more_epochs_is_exactly_the_longer_run(hopper_file, workdir, uninterrupted, monkeypatch):
+    monkeypatch.chdir(workdir)
+    drop.main(tyro.cli(drop.Args, args=drop_argv(hopper_file, "extended", "--epochs", "2")))
+    assert load(workdir / "runs" / "extended" / "checkpoint.pt")["finished"]
+    with pytest.raises(SystemExit, match=r"^error: --epochs 1, but runs/extended has done 2 epochs already; give more than 2 to extend it$"):
+        drop.main(drop.parse_args(["--resume", "runs/extended", "--epochs", "1"]))
+    drop.main(drop.parse_args(["--resume", "runs/extended", "--epochs", "4"]))
+    extended = load(workdir / "runs" / "extended" / "checkpoint.pt")
+    for key in WEIGHT_KEYS:
+        assert_same(extended[key], uninterrupted[key], key)
+    assert extended["finished"] and extended["epochs"] == 4
+    assert_same(extended["eval_history"], [row | {"wall_seconds": mine["wall_seconds"]} for row, mine in zip(uninterrupted["eval_history"], extended["eval_history"])])
 
 
 def test_a_new_run_never_overwrites_a_run_folder(workdir, uninterrupted, hopper_file, monkeypatch):

@@ -171,9 +171,24 @@ def test_cut_off_run_starts_over_without_resume(tmp_path):
     assert sweep.resume_flags(str(run_dir), 2) == []
     assert sweep.resume_flags(str(run_dir), 1) is None
     torch.save({"epoch": 0, "normalized_score": 1.0, "finished": False, "epochs": 2}, run_dir / "checkpoint.pt")
-    assert sweep.resume_flags(str(run_dir), 2) == ["--resume", str(run_dir)]
+    assert sweep.resume_flags(str(run_dir), 2) == ["--resume", str(run_dir), "--epochs", "2"]
     torch.save({"epoch": 1, "normalized_score": 1.0, "finished": True, "epochs": 2}, run_dir / "checkpoint.pt")
     assert sweep.resume_flags(str(run_dir), 2) is None
+    assert sweep.resume_flags(str(run_dir), 5) == ["--resume", str(run_dir), "--epochs", "5"]  # extended
+
+
+def test_more_epochs_extend_the_finished_runs_and_fewer_are_refused(tiny_sweep, workdir, capsys):
+    """Last of the tests on the tiny sweep: it extends one of its runs."""
+    one_run = ["--envs", "builtin-hopper-medium", "--penalties", "drop", "--seeds", "0", "--name", "tiny", *TINY]
+    ensemble = workdir / "sweeps/tiny/dynamics/builtin-hopper-medium__seed0.pt"
+    trained = ensemble.stat().st_mtime_ns
+    [row] = run_sweep([*one_run, "--epochs", "3"])
+    assert "0 already finished, 1 to run" in capsys.readouterr().out
+    checkpoint = torch.load(workdir / "sweeps/tiny" / row["run_dir"] / "checkpoint.pt", weights_only=True)
+    assert (row["epochs"], checkpoint["finished"], ensemble.stat().st_mtime_ns) == (3, True, trained)
+    assert [entry["epoch"] for entry in checkpoint["eval_history"]] == [0, 1, 2]  # continued, not started over
+    with pytest.raises(SystemExit, match=r"has done 3 epochs, more than this sweep's 2; a sweep can extend its runs, not shorten them"):
+        run_sweep(one_run)
 
 
 @pytest.mark.parametrize(
