@@ -221,6 +221,75 @@ def test_hopper_bound_is_two_sided_unlike_mopo(joint_angle):
 
 
 # ---------------------------------------------------------------------------------------------
+# The training objective and the choice of elites (MBPO's), on small random data
+
+
+def small_ensemble(seed: int = 0) -> ProbabilisticEnsemble:
+    torch.manual_seed(seed)
+    return ProbabilisticEnsemble(3, 2, DynamicsConfig(num_members=4, num_elites=2, hidden=8, max_epochs=2, batch_size=32))
+
+
+def test_loss_is_the_gaussian_nll_plus_the_logvar_bounds_and_weight_decay():
+    """Per member, the mean of (mu - y)^2 / var + log var (twice torch's Gaussian NLL), summed over
+    members; plus coef * (sum max_logvar - sum min_logvar), which pulls the bounds together; plus L2."""
+    model = small_ensemble()
+    with torch.no_grad():
+        model.max_logvar.add_(torch.rand_like(model.max_logvar))  # bounds that differ per member and dim
+        model.min_logvar.sub_(torch.rand_like(model.min_logvar))
+    obs, act, targets = torch.randn(4, 16, 3), torch.randn(4, 16, 2), torch.randn(4, 16, 4)
+    mean, logvar = model(obs, act)
+    nll = sum(2 * torch.nn.functional.gaussian_nll_loss(mean[m], targets[m], logvar[m].exp()) for m in range(4))
+    bounds = model.config.logvar_bound_coef * (model.max_logvar - model.min_logvar).sum()
+    layers = [*model.net.hidden, model.net.output]
+    decay = sum(d * layer.weight.pow(2).sum() / 2 for d, layer in zip(model.config.weight_decays, layers))
+    torch.testing.assert_close(model.loss(obs, act, targets), nll + bounds + decay)
+
+
+def test_logvar_is_softly_bounded_between_min_and_max():
+    """Raw log-variances far outside [min, max] land on the bound; ones well inside pass almost unchanged."""
+    model = small_ensemble()
+    raw = torch.tensor([-40.0, -4.0, -1.0, 30.0])  # bounds start at -10 and 0.5
+    model.net.forward = lambda x, members=None: torch.cat([torch.zeros(4, 4, 4), raw.expand(4, 4, 4)], -1)
+    _, logvar = model(torch.zeros(4, 4, 3), torch.zeros(4, 4, 2))
+    low, high = model.min_logvar[0, 0, 0].item(), model.max_logvar[0, 0, 0].item()
+    assert ((logvar >= low - 1e-4) & (logvar <= high + 1e-4)).all()  # the second softplus overshoots max by e^-(max - min)
+    torch.testing.assert_close(logvar[0, 0], torch.tensor([low, -4.0, -1.0, high]), atol=0.3, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def spied_training():
+    """train_ensemble on 300 random transitions whose first observation column is the row's index,
+    with every batch the members are trained on recorded."""
+    n, seed = 300, 7
+    obs = torch.cat([torch.arange(n, dtype=torch.float32)[:, None], torch.randn(n, 2)], 1)
+    act, next_obs, rew = torch.randn(n, 2), torch.randn(n, 3), torch.randn(n)
+    model = small_ensemble()
+    seen, loss = [], model.loss
+    model.loss = lambda obs, act, targets: seen.append(obs[..., 0].long()) or loss(obs, act, targets)
+    train_ensemble(model, obs, act, next_obs, rew, seed=seed, progress=False)
+    num_holdout = int(min(n * model.config.holdout_ratio, model.config.holdout_max))
+    holdout = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:num_holdout]  # train_ensemble's first draw
+    return model, (obs, act, next_obs, rew), torch.cat(seen, 1), holdout
+
+
+def test_holdout_transitions_are_never_trained_on(spied_training):
+    model, (obs, act, _, _), seen, holdout = spied_training
+    assert len(holdout) == 60 and not np.isin(seen.numpy(), holdout.numpy()).any()
+    train = np.setdiff1d(np.arange(300), holdout.numpy())
+    torch.testing.assert_close(model.input_mean, torch.cat([obs, act], 1)[train].mean(0))  # normalised by the training part only
+
+
+def test_elites_are_the_members_with_the_lowest_holdout_mse(spied_training):
+    model, (obs, act, next_obs, rew), _, holdout = spied_training
+    with torch.no_grad():
+        mean, _ = model(obs[holdout], act[holdout])
+    target = torch.cat([next_obs - obs, rew[:, None]], 1)[holdout]
+    mse = ((mean - target) ** 2).mean((1, 2))
+    assert len(set(mse.tolist())) == 4  # distinct, so "the best two" is one answer
+    assert model.elites.tolist() == mse.argsort()[:2].tolist()
+
+
+# ---------------------------------------------------------------------------------------------
 # Exact rewrites
 
 

@@ -1,5 +1,5 @@
 """Forks that break the algorithm go red: each one-line change below, made to a copy of the code,
-must fail test_loop.py or test_sac.py. Slow (about 10 s a mutant): `python -m pytest -m slow test_mutants.py`."""
+must fail that file's tests (TESTS). Slow (about 10 s a mutant): `python -m pytest -m slow test_mutants.py`."""
 
 import os
 import shutil
@@ -52,23 +52,59 @@ MUTANTS = [
     ("sac.py", "actor loss sign", "(alpha * log_prob - self.critic(batch.obs, act)", "(alpha * log_prob + self.critic(batch.obs, act)"),
     ("sac.py", "polyak the wrong way", "torch._foreach_lerp_(target_params, params, self.config.polyak)", "torch._foreach_lerp_(target_params, params, 1 - self.config.polyak)"),
     ("sac.py", "temperature loss sign", "alpha_loss = -(self.log_alpha", "alpha_loss = (self.log_alpha"),
+    ("dice.py", "DICE: (1 - gamma) dropped from the start term", "(1 - gamma) * f_init.mean(1)", "f_init.mean(1)"),
+    ("dice.py", "DICE: gamma dropped from the flow term", "+ gamma * (tau * f_next).mean(1)", "+ (tau * f_next).mean(1)"),
+    ("dice.py", "DICE: f^2 not halved", "- (tau * f + 0.5 * f**2).mean(1)", "- (tau * f + f**2).mean(1)"),
+    ("dice.py", "DICE: sign of nu^2", "- 0.5 * nu[:, 0] ** 2)", "+ 0.5 * nu[:, 0] ** 2)"),
+    ("dice.py", "DICE: lambda dropped", "+ lam * ((nu * tau - nu)", "+ ((nu * tau - nu)"),
+    ("dice.py", "DICE: nu descends", "for p in [*dice.f.parameters(), dice.nu]:", "for p in [*dice.f.parameters()]:"),
+    ("dice.py", "DICE: f descends", "for p in [*dice.f.parameters(), dice.nu]:", "for p in [dice.nu]:"),
+    ("dice.py", "DICE: nu learning rate ignored", '{"params": [dice.nu], "lr": config.nu_lr or lr}', '{"params": [dice.nu], "lr": lr}'),
+    ("dice.py", "DICE: f learning rate ignored", '{"params": list(dice.f.parameters()), "lr": config.f_lr or lr}', '{"params": list(dice.f.parameters()), "lr": lr}'),
+    ("dice.py", "DICE: s' not the successor of s", "s_next = next_obs[:, idx]", "s_next = next_obs[:, torch.randint(len(obs), (config.batch_size,), device=obs.device)]"),
+    ("dice.py", "DICE: a0 from the data, not the policy", "objective = dice.objective(obs[idx], act[idx], s_next, a_next, s0, a0,", "objective = dice.objective(obs[idx], act[idx], s_next, a_next, s0, act[idx],"),
+    ("dice.py", "DICE: s0 from the batch, not the start states", "objective = dice.objective(obs[idx], act[idx], s_next, a_next, s0, a0,", "objective = dice.objective(obs[idx], act[idx], s_next, a_next, obs[idx], a0,"),
+    ("dice.py", "DICE: inputs multiplied by the std", "x = (torch.cat([obs, act], -1) - self.input_mean) / self.input_std", "x = (torch.cat([obs, act], -1) - self.input_mean) * self.input_std"),
+    ("dice.py", "DICE: heads start at tau = 0", '{"linear": 1.0,', '{"linear": 0.0,'),
+    ("dice.py", "DICE: reported objective a sum, not a mean", "return total / max(steps, 1)", "return total"),
+    ("dynamics.py", "dynamics: precision not exponentiated", "* (-logvar).exp() + logvar)", "* (-logvar) + logvar)"),
+    ("dynamics.py", "dynamics: log-variance term dropped", "* (-logvar).exp() + logvar)", "* (-logvar).exp())"),
+    ("dynamics.py", "dynamics: logvar bound penalty sign", "(self.max_logvar.sum() - self.min_logvar.sum())", "(self.min_logvar.sum() - self.max_logvar.sum())"),
+    ("dynamics.py", "dynamics: variance used as std", "(0.5 * logvar).exp())", "logvar.exp())"),
+    ("dynamics.py", "dynamics: mean instead of a sample", "mean + torch.randn_like(mean) * (0.5 * logvar).exp()", "mean"),
+    ("dynamics.py", "dynamics: delta taken as the state", "return obs + sample[:, :-1], sample[:, -1]", "return sample[:, :-1], sample[:, -1]"),
+    ("dynamics.py", "dynamics: elites the worst members", "model.elites.copy_(holdout_mse().argsort()[: config.num_elites])", "model.elites.copy_(holdout_mse().argsort(descending=True)[: config.num_elites])"),
+    ("dynamics.py", "dynamics: elite next state without s", "[..., :-1] + obs[i : i + chunk]", "[..., :-1]"),
+    ("dynamics.py", "dynamics: lower logvar bound flipped", "logvar = min_logvar + F.softplus(logvar - min_logvar)", "logvar = min_logvar - F.softplus(min_logvar - logvar)"),
+    ("dynamics.py", "dynamics: holdout also trained on", "holdout, train = perm[:num_holdout], perm[num_holdout:]", "holdout, train = perm[:num_holdout], perm"),
 ]
+
+
+# The tests each file's mutants must fail.
+TESTS = {
+    "drop.py": ["test_loop.py", "test_sac.py"],
+    "sac.py": ["test_loop.py", "test_sac.py"],
+    "dice.py": ["test_dice.py", "test_known_answer.py"],
+    "dynamics.py": ["test_dynamics.py"],
+}
 
 
 def run_tests_on_a_copy(tmp_path, file: str, change) -> subprocess.CompletedProcess:
     for name in os.listdir(HERE):
         if name.endswith((".py", ".ini")):
             shutil.copy(os.path.join(HERE, name), tmp_path / name)
+    os.symlink(os.path.join(HERE, "policies"), tmp_path / "policies")  # the built-in behaviour policies
     (tmp_path / file).write_text(change((tmp_path / file).read_text()))
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "test_loop.py", "test_sac.py"],
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *TESTS[file]],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.slow
-def test_the_unchanged_copy_passes(tmp_path):
+@pytest.mark.parametrize("file", ["drop.py", "dice.py", "dynamics.py"])
+def test_the_unchanged_copy_passes(file, tmp_path):
     """The control: a copy without a change passes, so a failing mutant failed for its change."""
-    result = run_tests_on_a_copy(tmp_path, "drop.py", lambda source: source)
+    result = run_tests_on_a_copy(tmp_path, file, lambda source: source)
     assert result.returncode == 0, result.stdout[-2000:]
 
 
