@@ -12,8 +12,13 @@ clip(tau_k(s, a)), MOPO's the largest std norm over the elites, both from the sa
 Fig. 3: UMAP of dataset state-actions with KDE contours of their density, and 500 rollout samples
 projected with the same map, coloured yellow to red by penalty.
 
-Writes runs/RUN/diagnostics/{fig2.png, fig3.png, diagnostics.json} (and samples.npz, every sample's
-error and penalties) and prints a table and the times.
+Drift: the run's policy in MuJoCo itself for --drift-steps steps from --drift-starts dataset states,
+as evaluation runs it. Per step: the true reward, the ensemble's reward for the same (s, a), and the
+ensemble's next-state error. Training only ever sees h model steps from dataset states; this shows
+what the policy does after them, and whether the model saw it coming.
+
+Writes runs/RUN/diagnostics/{fig2.png, fig3.png, drift.png, diagnostics.json} (and samples.npz, every
+sample's error and penalties, and the drift arrays) and prints a table and the times.
 """
 
 import json
@@ -52,6 +57,10 @@ class Args:
     """state-actions per sample set (dataset and rollout)"""
     seed: int = 0
     """seed of the sample draws, the elite draws, the policy's actions and the UMAP"""
+    drift_starts: int = 20
+    """dataset states the policy is run from in MuJoCo for drift.png (0: no drift)"""
+    drift_steps: int = 100
+    """MuJoCo steps from each of them (an episode that terminates ends earlier)"""
 
 
 @dataclass
@@ -209,6 +218,50 @@ def evaluate_set(run: Run, obs: np.ndarray, act: np.ndarray, states: tuple[np.nd
     }
 
 
+@torch.no_grad()
+def real_drift(run: Run, qpos: np.ndarray, qvel: np.ndarray, steps: int) -> dict[str, np.ndarray]:
+    """The run's deterministic policy in MuJoCo for `steps` steps from each state (qpos, qvel). Per
+    start and step: the true reward, the elites' mean reward for the same (s, a), and the mean over
+    the elites of ||mean_k(s, a) - T(s, a)||_2. `[starts, steps]` arrays, NaN after a termination."""
+    from tqdm import tqdm
+
+    sim, scale = run.env.unwrapped, run.env.action_space.high
+    run.env.reset(seed=0)
+    starts, obs_dim, act_dim = len(qpos), run.env.observation_space.shape[0], run.env.action_space.shape[0]
+    obs, next_obs, act = np.full((starts, steps, obs_dim), np.nan), np.full((starts, steps, obs_dim), np.nan), np.full((starts, steps, act_dim), np.nan)
+    true_reward = np.full((starts, steps), np.nan)
+    for i in tqdm(range(starts), desc="MuJoCo, the policy from dataset states", unit="start"):
+        sim.set_state(qpos[i], qvel[i])
+        state = sim._get_obs()
+        for t in range(steps):
+            action = run.actor.act(state.astype(np.float32))
+            following, reward, terminated, _, _ = sim.step(action * scale)
+            obs[i, t], act[i, t], next_obs[i, t], true_reward[i, t] = state, action, following, reward
+            state = following
+            if terminated:
+                break
+    alive = ~np.isnan(true_reward)
+    obs_t = torch.as_tensor(obs[alive], dtype=torch.float32)
+    mean, _ = run.dynamics(obs_t, torch.as_tensor(act[alive], dtype=torch.float32), run.dynamics.elites)
+    model_reward, error = np.full((starts, steps), np.nan), np.full((starts, steps), np.nan)
+    model_reward[alive] = mean[..., -1].mean(0).double().numpy()
+    error[alive] = np.linalg.norm((mean[..., :-1] + obs_t).double().numpy() - next_obs[alive], axis=-1).mean(0)
+    return {"true_reward": true_reward, "model_reward": model_reward, "error": error}
+
+
+def drift_summary(drift: dict[str, np.ndarray], data_reward_mean: float) -> dict:
+    """Means over the first 10 steps and over all, and per step (over the starts still running)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a step no start reached has no mean
+        by_step = {name: np.nanmean(values, 0) for name, values in drift.items()}
+    summary = {"starts": len(drift["error"]), "steps": drift["error"].shape[1], "data_reward_mean": data_reward_mean}
+    for name, values in drift.items():
+        summary[f"{name}_first_10"], summary[f"{name}_all"] = float(np.nanmean(values[:, :10])), float(np.nanmean(values))
+    summary["running_at_end"] = float((~np.isnan(drift["error"][:, -1])).mean())
+    summary["by_step"] = {name: [float(v) for v in values] for name, values in by_step.items()}
+    return summary
+
+
 # ---------------------------------------------------------------------------------------------
 # Figures
 
@@ -259,6 +312,29 @@ def plot_fig3(data_xy: np.ndarray, support_xy: np.ndarray, support_penalties: di
     plt.close(fig)
 
 
+def plot_drift(summary: dict, dataset_error: float, horizon: int, path: str, title: str):
+    import matplotlib.pyplot as plt
+
+    steps, by_step = np.arange(1, summary["steps"] + 1), summary["by_step"]
+    fig, (reward_ax, error_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    reward_ax.plot(steps, by_step["true_reward"], label="MuJoCo")
+    reward_ax.plot(steps, by_step["model_reward"], label="ensemble, same (s, a)")
+    reward_ax.axhline(summary["data_reward_mean"], color="k", ls=":", lw=0.8, label="dataset mean")
+    error_ax.plot(steps, by_step["error"], color="C3", label="ensemble")
+    error_ax.axhline(dataset_error, color="k", ls=":", lw=0.8, label="on dataset samples (Fig. 2)")
+    error_ax.set_yscale("symlog", linthresh=max(dataset_error, 1e-3))
+    for ax in (reward_ax, error_ax):
+        ax.axvline(horizon, color="gray", ls="--", lw=0.8, label=f"rollout horizon h = {horizon}")
+        ax.set_xlabel("MuJoCo step from a dataset state")
+        ax.legend(fontsize=8)
+    reward_ax.set_ylabel("reward per step, mean over starts")
+    error_ax.set_ylabel("next-state error ||mean_k(s, a) - T(s, a)||")
+    fig.suptitle(f"{title}\nthe policy from {summary['starts']} dataset states; {summary['running_at_end']:.0%} still running at step {summary['steps']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def umap_embeddings(run: Run, fit_sa: np.ndarray, support_sa: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """UMAP fitted on dataset state-actions (standardised as the ensemble sees them), and the
     rollout samples projected with the same map."""
@@ -278,6 +354,8 @@ def json_ready(value):
     """Plain JSON: NaN (a constant penalty has no correlation) becomes null."""
     if isinstance(value, dict):
         return {key: json_ready(v) for key, v in value.items()}
+    if isinstance(value, list):
+        return [json_ready(v) for v in value]
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
@@ -308,6 +386,8 @@ def main(args: Args):
     matplotlib.use("Agg")
     if args.samples < MIN_SAMPLES:
         raise SystemExit(f"error: --samples {args.samples} is too few for correlations; use at least {MIN_SAMPLES}")
+    if args.drift_starts < 0 or args.drift_steps < 1:
+        raise SystemExit(f"error: --drift-starts {args.drift_starts} --drift-steps {args.drift_steps}: give at least 0 starts (0: no drift) and 1 step")
     start = time.perf_counter()
     run_dir = args.run_dir.rstrip("/")
     run = load_run(run_dir)
@@ -350,6 +430,21 @@ def main(args: Args):
         support_penalties = {name: values["penalty"][shown] for name, values in rollout["penalties"].items()}
         plot_fig3(data_xy, support_xy, support_penalties, os.path.join(out, "fig3.png"), title + ("\n" + notes[0] if run.dice is None else ""))
         times["fig3"] = time.perf_counter() - tick
+
+        # Drift: the policy in MuJoCo past the h model steps that training sees.
+        drift, drift_stats = {}, None
+        if args.drift_starts:
+            tick = time.perf_counter()
+            starts = rng.choice(len(run.data), min(args.drift_starts, len(run.data)), replace=False)
+            if stored is not None:
+                qpos, qvel = stored[0][starts], stored[1][starts]
+            else:
+                nq, observed = run.env.unwrapped.model.nq, run.data.observations[starts]
+                qpos, qvel = rebuild_states(observed[~at_velocity_clip(observed, nq, run.data.family)], nq)
+            drift = real_drift(run, qpos, qvel, args.drift_steps)
+            drift_stats = drift_summary(drift, float(run.data.rewards.mean()))
+            plot_drift(drift_stats, stats["dataset"]["error_mean"], run.hp.horizon, os.path.join(out, "drift.png"), title)
+            times["drift"] = time.perf_counter() - tick
         times["total"] = time.perf_counter() - start
 
         result = {
@@ -357,13 +452,15 @@ def main(args: Args):
             "run": {"dir": run_dir, "dataset": run.data.name, "penalty": run.args.penalty, "epoch": run.checkpoint["epoch"], "eta": run.hp.eta,
                     "transform": run.hp.transform, "clip": run.hp.clip, "below_clip": resolve(run.args.dice).below_clip, "horizon": run.hp.horizon},
             "samples": args.samples, "seed": args.seed, "notes": notes, "times_s": {k: round(v, 2) for k, v in times.items()},
+            **({"drift": drift_stats} if drift_stats else {}),
         }
         with open(os.path.join(out, "diagnostics.json"), "w") as file:
             json.dump(json_ready(result), file, indent=1, allow_nan=False)
-        np.savez_compressed(os.path.join(out, "samples.npz"), **sample_arrays(sets))
+        np.savez_compressed(os.path.join(out, "samples.npz"), **sample_arrays(sets), **{f"drift/{name}": values for name, values in drift.items()})
         final = os.path.join(run_dir, "diagnostics")
         os.makedirs(final, exist_ok=True)
-        for name in ("fig2.png", "fig3.png", "diagnostics.json", "samples.npz"):
+        written = ["fig2.png", "fig3.png", *(["drift.png"] if drift else []), "diagnostics.json", "samples.npz"]
+        for name in written:
             os.replace(os.path.join(out, name), os.path.join(final, name))
     finally:
         shutil.rmtree(out, ignore_errors=True)
@@ -371,8 +468,14 @@ def main(args: Args):
     for note in notes:
         print(f"note: {note}")
     print_table(stats)
+    if drift_stats:
+        d = drift_stats
+        print(f"drift: the policy in MuJoCo from {d['starts']} dataset states earns {d['true_reward_first_10']:.2f} a step over the first 10 steps "
+              f"and {d['true_reward_all']:.2f} over {d['steps']} (the data's mean: {d['data_reward_mean']:.2f}); the ensemble says "
+              f"{d['model_reward_first_10']:.2f} and {d['model_reward_all']:.2f}, with next-state error {d['error_first_10']:.3f} and "
+              f"{d['error_all']:.3f} (dataset samples: {stats['dataset']['error_mean']:.3f}); {d['running_at_end']:.0%} still running at the end")
     print("times: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in times.items()))
-    print(f"wrote {final}/fig2.png, fig3.png, diagnostics.json, samples.npz")
+    print(f"wrote {final}/{', '.join(written)}")
 
 
 if __name__ == "__main__":

@@ -117,6 +117,53 @@ def test_model_error_is_the_distance_of_the_drawn_elite_from_mujoco():
     np.testing.assert_allclose(result["penalties"]["mopo"]["penalty"], math.sqrt(12))  # ||std|| of 12 unit outputs
 
 
+class ReplayActor:
+    """Plays the recorded action of the recorded observation nearest to the one it is given."""
+
+    def __init__(self, obs: np.ndarray, act: np.ndarray):
+        self.obs, self.act_table = obs, act
+
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        return self.act_table[np.abs(self.obs - obs).sum(1).argmin()]
+
+
+class StillModel:
+    """A stand-in ensemble of 3 elites that predict no change, with rewards 1, 2 and 3."""
+
+    elites = torch.arange(3)
+
+    def __call__(self, obs, act, members):
+        mean = torch.zeros(len(members), len(obs), obs.shape[1] + 1)
+        mean[..., -1] = torch.tensor([1.0, 2.0, 3.0])[:, None]
+        return mean, torch.zeros_like(mean)
+
+
+def test_drift_replays_recorded_episodes_to_their_end():
+    """Started at the first state of recorded episodes and playing the recorded actions, the drift's
+    true rewards are the recorded ones, its errors those of "no change", and it stops where the
+    episode terminated (Hopper falls within 40 steps under random actions)."""
+    data = collect("Hopper-v4", 300, seed=3)
+    first = np.flatnonzero(np.r_[True, data["terminated"][:-1]])[:3]
+    run = SimpleNamespace(env=gym.make("Hopper-v4"), actor=ReplayActor(data["obs"], data["act"]), dynamics=StillModel())
+    drift = diagnostics.real_drift(run, data["qpos"][first], data["qvel"][first], steps=40)
+    for row, start in enumerate(first):
+        length = np.flatnonzero(data["terminated"][start:])[0] + 1
+        episode = slice(start, start + length)
+        np.testing.assert_allclose(drift["true_reward"][row, :length], data["rew"][episode], rtol=0, atol=1e-9)
+        np.testing.assert_allclose(drift["error"][row, :length], np.linalg.norm(data["obs"][episode] - data["next_obs"][episode], axis=1), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(drift["model_reward"][row, :length], 2.0)
+        assert np.isnan(drift["true_reward"][row, length:]).all() and np.isnan(drift["error"][row, length:]).all()
+
+
+def test_drift_summary_averages_over_the_starts_still_running():
+    true_reward = np.array([[1.0] * 12, [3.0] * 2 + [np.nan] * 10])
+    summary = diagnostics.drift_summary({"true_reward": true_reward, "model_reward": true_reward + 1, "error": true_reward * 0}, 4.5)
+    assert summary["true_reward_first_10"] == pytest.approx((10 * 1 + 2 * 3) / 12)
+    assert summary["true_reward_all"] == pytest.approx((12 + 6) / 14)
+    assert summary["by_step"]["true_reward"] == [2.0, 2.0] + [1.0] * 10
+    assert (summary["starts"], summary["steps"], summary["running_at_end"], summary["data_reward_mean"]) == (2, 12, 0.5, 4.5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Statistics
 
@@ -168,7 +215,7 @@ def assert_finite_numbers(value):
 def assert_figures_and_json(folder, penalties: list[str]) -> dict:
     import matplotlib.image
 
-    for name in ("fig2.png", "fig3.png"):
+    for name in ("fig2.png", "fig3.png", "drift.png"):
         image = matplotlib.image.imread(str(folder / name))
         assert image.ndim == 3 and min(image.shape[:2]) > 200
     result = json.loads((folder / "diagnostics.json").read_text())
@@ -190,6 +237,8 @@ def assert_figures_and_json(folder, penalties: list[str]) -> dict:
             assert reported["pearson"] == pytest.approx(np.corrcoef(values, error)[0, 1])
             assert reported["spearman"] == pytest.approx(stats.spearmanr(values, error)[0])
             assert reported["mean"] == pytest.approx(values.mean())
+    for name in ("true_reward", "model_reward", "error"):
+        assert result["drift"][f"{name}_all"] == pytest.approx(np.nanmean(samples[f"drift/{name}"]))
     return result
 
 
