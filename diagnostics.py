@@ -221,8 +221,9 @@ def evaluate_set(run: Run, obs: np.ndarray, act: np.ndarray, states: tuple[np.nd
 @torch.no_grad()
 def real_drift(run: Run, qpos: np.ndarray, qvel: np.ndarray, steps: int) -> dict[str, np.ndarray]:
     """The run's deterministic policy in MuJoCo for `steps` steps from each state (qpos, qvel). Per
-    start and step: the true reward, the elites' mean reward for the same (s, a), and the mean over
-    the elites of ||mean_k(s, a) - T(s, a)||_2. `[starts, steps]` arrays, NaN after a termination."""
+    start and step: the true reward, the elites' mean reward for the same (s, a), the mean over the
+    elites of ||mean_k(s, a) - T(s, a)||_2, and each penalty as training computes it (with a random
+    elite, as in Fig. 2). `[starts, steps]` arrays, NaN after a termination."""
     from tqdm import tqdm
 
     sim, scale = run.env.unwrapped, run.env.action_space.high
@@ -242,11 +243,19 @@ def real_drift(run: Run, qpos: np.ndarray, qvel: np.ndarray, steps: int) -> dict
                 break
     alive = ~np.isnan(true_reward)
     obs_t = torch.as_tensor(obs[alive], dtype=torch.float32)
-    mean, _ = run.dynamics(obs_t, torch.as_tensor(act[alive], dtype=torch.float32), run.dynamics.elites)
-    model_reward, error = np.full((starts, steps), np.nan), np.full((starts, steps), np.nan)
-    model_reward[alive] = mean[..., -1].mean(0).double().numpy()
-    error[alive] = np.linalg.norm((mean[..., :-1] + obs_t).double().numpy() - next_obs[alive], axis=-1).mean(0)
-    return {"true_reward": true_reward, "model_reward": model_reward, "error": error}
+    mean, _ = run.dynamics(obs_t, torch.as_tensor(act[alive], dtype=torch.float32), run.dynamics.elites)  # [elites, samples, obs + 1]
+    per_sample = {
+        "model_reward": mean[..., -1].mean(0).double().numpy(),
+        "error": np.linalg.norm((mean[..., :-1] + obs_t).double().numpy() - next_obs[alive], axis=-1).mean(0),
+    }
+    elite = torch.randint(len(run.dynamics.elites), (len(obs_t),))
+    for name, values in penalties(run, obs_t, torch.as_tensor(act[alive], dtype=torch.float32), elite).items():
+        per_sample[f"{name}_penalty"] = values["penalty"]
+    drift = {"true_reward": true_reward}
+    for name, values in per_sample.items():
+        drift[name] = np.full((starts, steps), np.nan)
+        drift[name][alive] = values
+    return drift
 
 
 def drift_summary(drift: dict[str, np.ndarray], data_reward_mean: float) -> dict:
@@ -316,19 +325,23 @@ def plot_drift(summary: dict, dataset_error: float, horizon: int, path: str, tit
     import matplotlib.pyplot as plt
 
     steps, by_step = np.arange(1, summary["steps"] + 1), summary["by_step"]
-    fig, (reward_ax, error_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (reward_ax, error_ax, penalty_ax) = plt.subplots(1, 3, figsize=(15, 4))
     reward_ax.plot(steps, by_step["true_reward"], label="MuJoCo")
     reward_ax.plot(steps, by_step["model_reward"], label="ensemble, same (s, a)")
     reward_ax.axhline(summary["data_reward_mean"], color="k", ls=":", lw=0.8, label="dataset mean")
     error_ax.plot(steps, by_step["error"], color="C3", label="ensemble")
     error_ax.axhline(dataset_error, color="k", ls=":", lw=0.8, label="on dataset samples (Fig. 2)")
     error_ax.set_yscale("symlog", linthresh=max(dataset_error, 1e-3))
-    for ax in (reward_ax, error_ax):
+    for name in ("drop", "mopo"):
+        if f"{name}_penalty" in by_step:
+            penalty_ax.plot(steps, by_step[f"{name}_penalty"], color="C0" if name == "drop" else "C1", label=name.upper())
+    for ax in (reward_ax, error_ax, penalty_ax):
         ax.axvline(horizon, color="gray", ls="--", lw=0.8, label=f"rollout horizon h = {horizon}")
         ax.set_xlabel("MuJoCo step from a dataset state")
         ax.legend(fontsize=8)
     reward_ax.set_ylabel("reward per step, mean over starts")
     error_ax.set_ylabel("next-state error ||mean_k(s, a) - T(s, a)||")
+    penalty_ax.set_ylabel("penalty u(s, a) (reward - eta u), as in training")
     fig.suptitle(f"{title}\nthe policy from {summary['starts']} dataset states; {summary['running_at_end']:.0%} still running at step {summary['steps']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -473,7 +486,8 @@ def main(args: Args):
         print(f"drift: the policy in MuJoCo from {d['starts']} dataset states earns {d['true_reward_first_10']:.2f} a step over the first 10 steps "
               f"and {d['true_reward_all']:.2f} over {d['steps']} (the data's mean: {d['data_reward_mean']:.2f}); the ensemble says "
               f"{d['model_reward_first_10']:.2f} and {d['model_reward_all']:.2f}, with next-state error {d['error_first_10']:.3f} and "
-              f"{d['error_all']:.3f} (dataset samples: {stats['dataset']['error_mean']:.3f}); {d['running_at_end']:.0%} still running at the end")
+              f"{d['error_all']:.3f} (dataset samples: {stats['dataset']['error_mean']:.3f}); {d['running_at_end']:.0%} still running at the end; "
+              + "; ".join(f"{name.upper()}'s penalty {d[f'{name}_penalty_first_10']:.2f} then {d[f'{name}_penalty_all']:.2f}" for name in ("drop", "mopo") if f"{name}_penalty_all" in d))
     print("times: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in times.items()))
     print(f"wrote {final}/{', '.join(written)}")
 

@@ -144,7 +144,7 @@ def test_drift_replays_recorded_episodes_to_their_end():
     episode terminated (Hopper falls within 40 steps under random actions)."""
     data = collect("Hopper-v4", 300, seed=3)
     first = np.flatnonzero(np.r_[True, data["terminated"][:-1]])[:3]
-    run = SimpleNamespace(env=gym.make("Hopper-v4"), actor=ReplayActor(data["obs"], data["act"]), dynamics=StillModel())
+    run = SimpleNamespace(env=gym.make("Hopper-v4"), actor=ReplayActor(data["obs"], data["act"]), dynamics=StillModel(), dice=None)
     drift = diagnostics.real_drift(run, data["qpos"][first], data["qvel"][first], steps=40)
     for row, start in enumerate(first):
         length = np.flatnonzero(data["terminated"][start:])[0] + 1
@@ -152,7 +152,9 @@ def test_drift_replays_recorded_episodes_to_their_end():
         np.testing.assert_allclose(drift["true_reward"][row, :length], data["rew"][episode], rtol=0, atol=1e-9)
         np.testing.assert_allclose(drift["error"][row, :length], np.linalg.norm(data["obs"][episode] - data["next_obs"][episode], axis=1), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(drift["model_reward"][row, :length], 2.0)
-        assert np.isnan(drift["true_reward"][row, length:]).all() and np.isnan(drift["error"][row, length:]).all()
+        np.testing.assert_allclose(drift["mopo_penalty"][row, :length], math.sqrt(12))  # ||std|| of 12 unit outputs
+        for values in drift.values():
+            assert np.isnan(values[row, length:]).all()
 
 
 def test_drift_summary_averages_over_the_starts_still_running():
@@ -237,7 +239,7 @@ def assert_figures_and_json(folder, penalties: list[str]) -> dict:
             assert reported["pearson"] == pytest.approx(np.corrcoef(values, error)[0, 1])
             assert reported["spearman"] == pytest.approx(stats.spearmanr(values, error)[0])
             assert reported["mean"] == pytest.approx(values.mean())
-    for name in ("true_reward", "model_reward", "error"):
+    for name in ("true_reward", "model_reward", "error", *(f"{penalty}_penalty" for penalty in penalties)):
         assert result["drift"][f"{name}_all"] == pytest.approx(np.nanmean(samples[f"drift/{name}"]))
     return result
 
