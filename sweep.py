@@ -337,7 +337,8 @@ def result_row(run: Run, sweep_dir: str) -> dict:
     return {
         "dataset": run.env, "penalty": run.penalty, "eta": run.eta, "seed": run.seed,
         "epochs": checkpoint["epoch"] + 1, "normalized_score": checkpoint["normalized_score"],
-        "wall_seconds": round(record["wall_seconds"], 1), "host": record["host"], "run_dir": os.path.relpath(run_dir, sweep_dir),
+        "wall_seconds": round(checkpoint.get("wall_seconds", record["wall_seconds"]), 1),  # the run's own clock counts every resumed part
+        "host": record["host"], "run_dir": os.path.relpath(run_dir, sweep_dir),
     }  # fmt: skip
 
 

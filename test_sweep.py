@@ -182,10 +182,12 @@ def test_more_epochs_extend_the_finished_runs_and_fewer_are_refused(tiny_sweep, 
     one_run = ["--envs", "builtin-hopper-medium", "--penalties", "drop", "--seeds", "0", "--name", "tiny", *TINY]
     ensemble = workdir / "sweeps/tiny/dynamics/builtin-hopper-medium__seed0.pt"
     trained = ensemble.stat().st_mtime_ns
+    first_part = torch.load(workdir / "sweeps/tiny/runs/builtin-hopper-medium__drop__eta5__seed0/checkpoint.pt", weights_only=True)["wall_seconds"]
     [row] = run_sweep([*one_run, "--epochs", "3"])
     assert "0 already finished, 1 to run" in capsys.readouterr().out
     checkpoint = torch.load(workdir / "sweeps/tiny" / row["run_dir"] / "checkpoint.pt", weights_only=True)
     assert (row["epochs"], checkpoint["finished"], ensemble.stat().st_mtime_ns) == (3, True, trained)
+    assert row["wall_seconds"] == round(checkpoint["wall_seconds"], 1) > round(first_part, 1)  # both parts, not the last process's
     assert [entry["epoch"] for entry in checkpoint["eval_history"]] == [0, 1, 2]  # continued, not started over
     with pytest.raises(SystemExit, match=r"has done 3 epochs, more than this sweep's 2; a sweep can extend its runs, not shorten them"):
         run_sweep(one_run)
