@@ -201,14 +201,23 @@ def rollout_samples(run: Run, count: int) -> tuple[np.ndarray, np.ndarray]:
     return buffer.obs[pick].numpy(), buffer.act[pick].numpy()
 
 
+def true_states(run: Run, obs: np.ndarray, states: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Which observations have a known simulator state, and the states (qpos, qvel) of those kept:
+    the stored `states`, else states rebuilt from the observations, less the samples at the velocity clip."""
+    if states is not None:
+        return np.ones(len(obs), dtype=bool), *states
+    nq = run.env.unwrapped.model.nq
+    keep = ~at_velocity_clip(obs, nq, run.data.family)
+    qpos, qvel = rebuild_states(obs[keep], nq)
+    return keep, qpos, qvel
+
+
 def evaluate_set(run: Run, obs: np.ndarray, act: np.ndarray, states: tuple[np.ndarray, np.ndarray] | None, label: str) -> dict:
     """Errors and penalties of one sample set. Without stored `states` they are rebuilt from the
     observations, and samples at the velocity clip are skipped."""
-    nq = run.env.unwrapped.model.nq
-    keep = np.ones(len(obs), dtype=bool) if states is not None else ~at_velocity_clip(obs, nq, run.data.family)
-    qpos, qvel = states if states is not None else rebuild_states(obs, nq)
+    keep, qpos, qvel = true_states(run, obs, states)
     obs, act = obs[keep], act[keep]
-    true_next_obs = simulate(run.env, qpos[keep], qvel[keep], act, desc=f"MuJoCo, {label} samples")
+    true_next_obs = simulate(run.env, qpos, qvel, act, desc=f"MuJoCo, {label} samples")
     obs_t, act_t = torch.as_tensor(obs), torch.as_tensor(act)
     elite = torch.randint(len(run.dynamics.elites), (len(obs),))  # the elite a rollout would draw
     return {
@@ -242,14 +251,14 @@ def real_drift(run: Run, qpos: np.ndarray, qvel: np.ndarray, steps: int) -> dict
             if terminated:
                 break
     alive = ~np.isnan(true_reward)
-    obs_t = torch.as_tensor(obs[alive], dtype=torch.float32)
-    mean, _ = run.dynamics(obs_t, torch.as_tensor(act[alive], dtype=torch.float32), run.dynamics.elites)  # [elites, samples, obs + 1]
+    obs_t, act_t = torch.as_tensor(obs[alive], dtype=torch.float32), torch.as_tensor(act[alive], dtype=torch.float32)
+    mean, _ = run.dynamics(obs_t, act_t, run.dynamics.elites)  # [elites, samples, obs + 1]
     per_sample = {
         "model_reward": mean[..., -1].mean(0).double().numpy(),
         "error": np.linalg.norm((mean[..., :-1] + obs_t).double().numpy() - next_obs[alive], axis=-1).mean(0),
     }
     elite = torch.randint(len(run.dynamics.elites), (len(obs_t),))
-    for name, values in penalties(run, obs_t, torch.as_tensor(act[alive], dtype=torch.float32), elite).items():
+    for name, values in penalties(run, obs_t, act_t, elite).items():
         per_sample[f"{name}_penalty"] = values["penalty"]
     drift = {"true_reward": true_reward}
     for name, values in per_sample.items():
@@ -449,11 +458,7 @@ def main(args: Args):
         if args.drift_starts:
             tick = time.perf_counter()
             starts = rng.choice(len(run.data), min(args.drift_starts, len(run.data)), replace=False)
-            if stored is not None:
-                qpos, qvel = stored[0][starts], stored[1][starts]
-            else:
-                nq, observed = run.env.unwrapped.model.nq, run.data.observations[starts]
-                qpos, qvel = rebuild_states(observed[~at_velocity_clip(observed, nq, run.data.family)], nq)
+            _, qpos, qvel = true_states(run, run.data.observations[starts], None if stored is None else (stored[0][starts], stored[1][starts]))
             drift = real_drift(run, qpos, qvel, args.drift_steps)
             drift_stats = drift_summary(drift, float(run.data.rewards.mean()))
             plot_drift(drift_stats, stats["dataset"]["error_mean"], run.hp.horizon, os.path.join(out, "drift.png"), title)

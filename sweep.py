@@ -210,6 +210,12 @@ def dynamics_path(sweep_dir: str, env: str, seed: int) -> str:
     return os.path.join(sweep_dir, "dynamics", f"{env.replace('/', '_')}__seed{seed}.pt")
 
 
+def read_checkpoint(path: str) -> dict:
+    """A run's checkpoint or an ensemble file, memory-mapped: the sweep reads a few small entries,
+    never the model buffer that makes a run's checkpoint hundreds of MB."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
 def resume_flags(run_dir: str, planned_epochs: int) -> list[str] | None:
     """None when the run is finished; otherwise the drop.py flags that carry it on ([] = start over).
     A run finished with fewer epochs than planned is extended (the same as a run planned that long).
@@ -220,7 +226,7 @@ def resume_flags(run_dir: str, planned_epochs: int) -> list[str] | None:
     path = os.path.join(run_dir, "checkpoint.pt")
     if not os.path.isfile(path):
         return []
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(path)
     if checkpoint.get("finished", checkpoint["epoch"] + 1 == planned_epochs) and checkpoint.get("epochs", planned_epochs) == planned_epochs:
         return None
     return ["--resume", run_dir, "--epochs", str(planned_epochs)] if "finished" in checkpoint else []
@@ -230,22 +236,22 @@ def refuse_changed_settings(sweep_dir: str, runs: list[Run], drop_args: drop.Arg
     """Stop before anything runs if a run or ensemble already in sweep_dir was made with other
     settings than this command's: mixing them would put two experiments in one table."""
     ignored = {"dynamics_path", "device", "track", "resume", "epochs"}  # where and how a run ran, not what it computed; more epochs extend a run
-    saved_files = [(dynamics_path(sweep_dir, run.env, run.seed), "config", asdict(drop_args.dynamics), "--dynamics.") for run in runs]
+    # (file, its settings' key, the settings wanted, their flags' prefix, the most epochs a run there may have done)
+    saved_files = [(dynamics_path(sweep_dir, run.env, run.seed), "config", asdict(drop_args.dynamics), "--dynamics.", None) for run in runs]
     saved_files += [
-        (os.path.join(sweep_dir, "runs", run.name, "checkpoint.pt"), "args", asdict(replace(drop_args, env=run.env, penalty=run.penalty, eta=run.eta, seed=run.seed, run_name=run.name)), "--")
+        (os.path.join(sweep_dir, "runs", run.name, "checkpoint.pt"), "args", asdict(replace(drop_args, env=run.env, penalty=run.penalty, eta=run.eta, seed=run.seed, run_name=run.name)), "--", run.epochs)
         for run in runs
     ]  # fmt: skip
-    for path, key, wanted, flag_prefix in saved_files:
+    for path, key, wanted, flag_prefix, most_epochs in saved_files:
         if not os.path.isfile(path):
             continue
-        saved = drop.flat_fields(torch.load(path, map_location="cpu", weights_only=True)[key])
+        saved_file = read_checkpoint(path)
+        saved = drop.flat_fields(saved_file[key])
         changed = [f"{flag_prefix}{name.replace('_', '-')} {saved[name]} then, {value} now" for name, value in drop.flat_fields(wanted).items() if name in saved and name not in ignored and saved[name] != value]
         if changed:
             raise SystemExit(f"error: {path} was made with other settings ({'; '.join(changed)}); give this sweep another --name, or delete that file")
-    for run in runs:
-        path = os.path.join(sweep_dir, "runs", run.name, "checkpoint.pt")
-        if os.path.isfile(path) and (done := torch.load(path, map_location="cpu", weights_only=True)["epoch"] + 1) > run.epochs:
-            raise SystemExit(f"error: {path} has done {done} epochs, more than this sweep's {run.epochs}; a sweep can extend its runs, not shorten them (give --epochs {done} or more, or another --name)")
+        if most_epochs is not None and (done := saved_file["epoch"] + 1) > most_epochs:
+            raise SystemExit(f"error: {path} has done {done} epochs, more than this sweep's {most_epochs}; a sweep can extend its runs, not shorten them (give --epochs {done} or more, or another --name)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,7 +334,7 @@ def read_progress(run_dir: str) -> list[dict[str, float]]:
 def result_row(run: Run, sweep_dir: str) -> dict:
     """The run's line of results.csv; the score is its final checkpoint's."""
     run_dir = os.path.join(sweep_dir, "runs", run.name)
-    checkpoint = torch.load(os.path.join(run_dir, "checkpoint.pt"), map_location="cpu", weights_only=True)
+    checkpoint = read_checkpoint(os.path.join(run_dir, "checkpoint.pt"))
     record_path = os.path.join(sweep_dir, "logs", f"{run.name}.json")
     record = {"host": "", "wall_seconds": float("nan")}
     if os.path.isfile(record_path):
