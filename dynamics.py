@@ -6,12 +6,14 @@ can share one model:
 
     python dynamics.py --env hopper-medium-v2 --dataset FILE.hdf5
     python drop.py --env hopper-medium-v2 --dynamics-path runs/NAME/dynamics.pt
+    python dynamics.py --env hopper-medium-v2 --inspect runs/NAME/dynamics.pt   # is its uncertainty alive?
 """
 
 import copy
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
@@ -63,6 +65,8 @@ class DynamicsConfig:
     """L2 coefficients of the 4 hidden layers and the output layer (as in MBPO)"""
     logvar_bound_coef: float = 0.01
     """weight of the penalty on the learned max/min log-variance bounds"""
+    logvar_bounds: Literal["shared", "per-member"] = "shared"
+    """one pair of learned log-variance bounds for the whole ensemble (MBPO), or a pair per member"""
     holdout_ratio: float = 0.2
     """fraction of transitions held out for early stopping (capped by --holdout-max)"""
     holdout_max: int = 1000
@@ -104,9 +108,12 @@ class ProbabilisticEnsemble(nn.Module):
         self.obs_dim, self.act_dim, self.config = obs_dim, act_dim, config
         out_dim = obs_dim + 1  # delta-state and reward
         self.net = EnsembleMLP(config.num_members, obs_dim + act_dim, 2 * out_dim, [config.hidden] * 4, nn.SiLU)
-        # Per-member soft bounds on the log-variance, learned (PETS); initial values as in MBPO.
-        self.max_logvar = nn.Parameter(torch.full((config.num_members, 1, out_dim), 0.5))
-        self.min_logvar = nn.Parameter(torch.full((config.num_members, 1, out_dim), -10.0))
+        # Learned soft bounds on the log-variance (PETS), initial values as in MBPO. Shared, every
+        # member's data holds them up; a member's own pair drifts apart (the upper one sinks below the
+        # lower one, where no prediction presses on it), and then its variance stops depending on (s, a).
+        rows = config.num_members if config.logvar_bounds == "per-member" else 1
+        self.max_logvar = nn.Parameter(torch.full((rows, 1, out_dim), 0.5))
+        self.min_logvar = nn.Parameter(torch.full((rows, 1, out_dim), -10.0))
         self.register_buffer("input_mean", torch.zeros(obs_dim + act_dim))
         self.register_buffer("input_std", torch.ones(obs_dim + act_dim))
         self.register_buffer("elites", torch.arange(config.num_elites))
@@ -119,7 +126,7 @@ class ProbabilisticEnsemble(nn.Module):
             x = x.expand(num, -1, -1)
         mean, logvar = self.net(x, members).chunk(2, -1)
         max_logvar, min_logvar = self.max_logvar, self.min_logvar
-        if members is not None:
+        if members is not None and self.config.logvar_bounds == "per-member":
             max_logvar, min_logvar = max_logvar[members], min_logvar[members]
         logvar = max_logvar - F.softplus(max_logvar - logvar)
         logvar = min_logvar + F.softplus(logvar - min_logvar)
@@ -194,8 +201,11 @@ def train_ensemble(model: ProbabilisticEnsemble, obs: torch.Tensor, act: torch.T
         improved = (best - mse) / best > 0.01
         if improved.any():
             best = torch.where(improved, mse, best)
-            for name, param in model.named_parameters():  # every parameter has a leading member axis
-                best_state[name][improved] = param.detach()[improved]
+            for name, param in model.named_parameters():
+                if len(param) == config.num_members:  # a member's own weights: its best epoch's
+                    best_state[name][improved] = param.detach()[improved]
+                else:  # shared bounds: their latest values (MBPO keeps them out of its per-member snapshots)
+                    best_state[name] = param.detach().clone()
             epochs_since_update = 0
         else:
             epochs_since_update += 1
@@ -226,6 +236,7 @@ def load_ensemble(path: str, family: str, obs_dim: int, act_dim: int, device: to
     if saved != (family, obs_dim, act_dim):
         raise SystemExit(f"error: {path} was trained for {saved[0]} (obs {saved[1]}, act {saved[2]}), not {family} (obs {obs_dim}, act {act_dim}); retrain it for this env")
     config = payload["config"]
+    config.setdefault("logvar_bounds", "per-member")  # files from before the option had one pair per member
     config["weight_decays"] = tuple(config["weight_decays"])
     model = ProbabilisticEnsemble(obs_dim, act_dim, DynamicsConfig(**config)).to(device)
     model.load_state_dict(payload["state_dict"])
@@ -244,8 +255,28 @@ class Args:
     """torch device: auto, cpu or cuda"""
     out: str | None = None
     """where to save the ensemble; default runs/dynamics__{env}__{seed}__{time}/dynamics.pt"""
+    inspect: str | None = None
+    """instead of training: report on this saved ensemble's uncertainty on --env's data (crossed bounds, constant variances, MOPO's penalty)"""
     dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)
     """ensemble architecture and training"""
+
+
+@torch.no_grad()
+def uncertainty_report(model: ProbabilisticEnsemble, obs: torch.Tensor, act: torch.Tensor, generator: torch.Generator) -> dict:
+    """Whether the ensemble's variance still depends on (s, a): bounds crossed (max below min, so the
+    log-variance is the constant min), outputs whose log-variance varies by under 0.01 over the samples,
+    and MOPO's penalty (the elites' largest std norm) at the data's actions and at uniform random ones,
+    against its ceiling, the largest norm the upper bounds allow."""
+    _, logvar = model(obs, act)
+    spread = logvar.amax(1) - logvar.amin(1)
+    random_act = torch.rand(act.shape, generator=generator, device=act.device) * 2 - 1
+    penalty = lambda a: (0.5 * model(obs, a, model.elites)[1]).exp().norm(dim=-1).max(0).values.mean().item()
+    return {
+        "crossed_bounds": int((model.max_logvar < model.min_logvar).sum()), "bounds": model.max_logvar.numel(),
+        "constant_outputs": int((spread < 0.01).sum()), "outputs": spread.numel(),
+        "mopo_penalty_data": penalty(act), "mopo_penalty_random": penalty(random_act),
+        "mopo_penalty_ceiling": (0.5 * model.max_logvar).exp().norm(dim=-1).max().item(),
+    }  # fmt: skip
 
 
 def main(args: Args):
@@ -259,6 +290,15 @@ def main(args: Args):
     seed_everything(args.seed)
     device = pick_device(args.device)
     as_tensor = lambda x: torch.as_tensor(x, dtype=torch.float32, device=device)
+    if args.inspect:
+        model = load_ensemble(args.inspect, data.family, data.obs_dim, data.act_dim, device)
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+        rows = torch.randperm(len(data.observations), generator=generator, device=device)[:4000]
+        r = uncertainty_report(model, as_tensor(data.observations)[rows], as_tensor(data.actions)[rows], generator)
+        print(f"{args.inspect} ({model.config.logvar_bounds} log-variance bounds), on {len(rows)} samples of {data.name}:\n"
+              f"  crossed bounds: {r['crossed_bounds']} of {r['bounds']}; outputs whose variance no longer depends on (s, a): {r['constant_outputs']} of {r['outputs']} (member x output)\n"
+              f"  MOPO's penalty: {r['mopo_penalty_data']:.2f} at the data's actions, {r['mopo_penalty_random']:.2f} at uniform random actions (ceiling {r['mopo_penalty_ceiling']:.2f})")
+        return
     model = ProbabilisticEnsemble(data.obs_dim, data.act_dim, args.dynamics).to(device)
     history = train_ensemble(model, as_tensor(data.observations), as_tensor(data.actions), as_tensor(data.next_observations), as_tensor(data.rewards), args.seed)
     path = args.out or os.path.join("runs", f"dynamics__{data.name.replace('/', '_')}__{args.seed}__{int(time.time())}", "dynamics.pt")
