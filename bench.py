@@ -3,6 +3,7 @@
     python bench.py                      # hopper (11/3) and halfcheetah (17/6) shapes, printed as a table
     python bench.py --json out.json      # the same, also as JSON
     python bench.py --device cuda        # on a GPU
+    python bench.py --checkpoint         # instead: the size, write time and memory of a full-size checkpoint
 
 Synthetic data with the real shapes: 1M real transitions, 7 members / 5 elites, 50,000 rollout
 starts, h = 5, batch 256, 1000 SAC updates and 400 DICE steps per epoch. An epoch runs exactly
@@ -16,6 +17,7 @@ worst case for every penalty).
 """
 
 import json
+import os
 import platform
 import resource
 import statistics
@@ -24,11 +26,13 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+import drop
+from checkpoint import buffer_state, load_buffer_state, load_checkpoint
 from datasets import OBS_ACT_DIMS
 from dice import DiceConfig, build_dice, dice_optimizer, resolve, train_dice
-from drop import TASK_DEFAULTS, Args as DropArgs, mixed_batch, model_buffer_capacity, rollout
 from dynamics import DynamicsConfig, ProbabilisticEnsemble, halfcheetah_terminated, transition_targets
 from sac import SAC, ReplayBuffer, SACConfig, pick_device
+from tasks import TASK_DEFAULTS
 
 PENALTIES = ("drop", "mopo", "none")
 
@@ -63,6 +67,10 @@ class Args:
     """seed of the synthetic data and networks"""
     sac: SACConfig = field(default_factory=SACConfig)
     """SAC hyperparameters"""
+    checkpoint: bool = False
+    """instead of the epoch: write drop.py's checkpoint of a run with a full model buffer (shapes of the first of --families), --repeats times"""
+    checkpoint_out: str = "checkpoint-bench.pt"
+    """where --checkpoint writes it (removed afterwards)"""
 
 
 TINY = dict(num_transitions=2000, rollout_batch_size=500, horizon=2, sac_updates=10, dice_steps=5, dynamics_steps=3, repeats=1, warmup=0)
@@ -114,9 +122,9 @@ def bench_family(family: str, args: Args, device: torch.device) -> dict:
     dice_config = resolve(DiceConfig())
     runs = {}
     for penalty in PENALTIES:
-        drop_args = DropArgs(penalty=penalty, rollout_batch_size=args.rollout_batch_size, sac=args.sac)
+        drop_args = drop.Args(penalty=penalty, rollout_batch_size=args.rollout_batch_size, sac=args.sac)
         agent = SAC(obs_dim, act_dim, args.sac, device)
-        model_buffer = ReplayBuffer(model_buffer_capacity(drop_args, args.horizon), obs_dim, act_dim, device)
+        model_buffer = ReplayBuffer(drop.model_buffer_capacity(drop_args, args.horizon), obs_dim, act_dim, device)
         dice = dice_opt = dice_next_obs = cache_seconds = None
         if penalty == "drop":
             dice = build_dice(dice_config, obs_dim, act_dim, len(dynamics.elites), dynamics.input_mean, dynamics.input_std).to(device)
@@ -136,11 +144,11 @@ def bench_family(family: str, args: Args, device: torch.device) -> dict:
             with torch.no_grad():
                 _, parts["dice_policy_seconds"] = timed(lambda: [sample_action(step_rows) for step_rows in rows], device)
         start_obs = real_obs[torch.randint(real.size, (args.rollout_batch_size,), device=device)]
-        _, parts["rollout_seconds"] = timed(lambda: rollout(dynamics, agent, dice, start_obs, hp, run["args"], halfcheetah_terminated, run["buffer"]), device)
+        _, parts["rollout_seconds"] = timed(lambda: drop.rollout(dynamics, agent, dice, start_obs, hp, run["args"], halfcheetah_terminated, run["buffer"]), device)
 
         def updates():
             for _ in range(args.sac_updates):
-                agent.update(mixed_batch(real, run["buffer"], args.sac.batch_size, run["args"].real_ratio))
+                agent.update(drop.mixed_batch(real, run["buffer"], args.sac.batch_size, run["args"].real_ratio))
 
         _, sac_seconds = timed(updates, device)
         parts["sac_updates_per_s"] = args.sac_updates / sac_seconds
@@ -163,7 +171,7 @@ def bench_family(family: str, args: Args, device: torch.device) -> dict:
             results[penalty]["dice_cache_seconds_once"] = run["cache_seconds"]
     epoch_seconds = {p: results[p]["epoch_seconds"] for p in PENALTIES}
     results["ratios"] = {"drop_over_none": epoch_seconds["drop"] / epoch_seconds["none"], "drop_over_mopo": epoch_seconds["drop"] / epoch_seconds["mopo"]}
-    results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    results["peak_rss_mb"] = peak_rss_mb()
     if device.type == "cuda":
         results["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return results
@@ -180,6 +188,53 @@ def print_table(family: str, results: dict):
     print(f"drop/none = {ratios['drop_over_none']:.3f} (target <= 1.10), drop/mopo = {ratios['drop_over_mopo']:.3f} (target <= 1.00), peak RSS {results['peak_rss_mb']:.0f} MB")
 
 
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def bench_checkpoint(family: str, args: Args):
+    """Size, write time and memory of drop.py's checkpoint for a run whose model buffer is full."""
+    obs_dim, act_dim = OBS_ACT_DIMS[family]
+    run = drop.Args(env=f"builtin-{family}-medium")
+    hp = drop.task_hyperparameters(run, f"{family}-medium")
+    cpu = torch.device("cpu")
+    agent = SAC(obs_dim, act_dim, run.sac, cpu)
+    dice_config = resolve(run.dice)
+    dice = build_dice(dice_config, obs_dim, act_dim, run.dynamics.num_elites, torch.zeros(obs_dim + act_dim), torch.ones(obs_dim + act_dim))
+    dice_opt = dice_optimizer(dice, hp.dice_lr, dice_config)
+    model_buffer = ReplayBuffer(drop.model_buffer_capacity(run, hp.horizon), obs_dim, act_dim, cpu)
+    for storage in (model_buffer.obs, model_buffer.act, model_buffer.rew, model_buffer.next_obs):
+        storage.normal_()  # in place: no second copy in memory before the measurement
+    model_buffer.size = model_buffer.capacity
+    data = type("Data", (), {"name": run.env, "family": family, "eval_env_id": "", "obs_dim": obs_dim, "act_dim": act_dim})()
+    eval_history = [{"epoch": 10 * i + 9, "normalized_score": 0.0} for i in range(hp.epochs // 10)]
+    buffer_mb = sum(t.nbytes for t in buffer_state(model_buffer).values() if isinstance(t, torch.Tensor)) / 2**20
+
+    rss_before, seconds = current_rss_mb(), []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        drop.save_checkpoint(args.checkpoint_out, agent, dice, dice_opt, model_buffer, run, data, hp, 0, drop.EpochProgress(), eval_history, "", "", 0.0, drop.CriticHealth())
+        seconds.append(time.perf_counter() - start)
+    peak = peak_rss_mb()
+    size_mb = os.path.getsize(args.checkpoint_out) / 2**20
+    start = time.perf_counter()
+    load_checkpoint(args.checkpoint_out, drop.RESUME_KEYS, mmap=True)
+    load_buffer_state(model_buffer, torch.load(args.checkpoint_out, weights_only=True, mmap=True)["model_buffer"])
+    load_seconds = time.perf_counter() - start
+    os.remove(args.checkpoint_out)
+    write = statistics.median(seconds)
+    print(f"{family}: model buffer {model_buffer.capacity:,} transitions ({buffer_mb:.0f} MB); checkpoint {size_mb:.0f} MB")
+    print(f"write (torch.save + fsync + rename): median {write:.2f} s over {args.repeats} [{min(seconds):.2f}, {max(seconds):.2f}]; "
+          f"every {run.eval_every} epochs of ~9 s: {100 * write / (run.eval_every * 9):.2f}% of the run")
+    print(f"memory: RSS {rss_before:.0f} MB before writing, peak {peak:.0f} MB while writing (+{peak - rss_before:.0f} MB)")
+    print(f"read back (resume: open the file, copy the buffer in; file in the page cache): {load_seconds:.2f} s")
+
+
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -191,6 +246,8 @@ def cpu_name() -> str:
 def main(args: Args):
     if args.tiny:
         args = replace(args, **TINY)
+    if args.checkpoint:
+        return bench_checkpoint(args.families[0], args)
     device = pick_device(args.device)
     torch.manual_seed(args.seed)
     report = {

@@ -9,10 +9,8 @@ import contextlib
 import fcntl
 import os
 import random
-import resource
 import tempfile
-from dataclasses import dataclass
-from typing import IO, Callable, Literal
+from typing import IO, Callable
 
 import numpy as np
 import torch
@@ -110,12 +108,14 @@ def set_rng_state(state: dict):
 
 def buffer_state(buffer: ReplayBuffer) -> dict:
     """The buffer's own tensors (no copy: torch.save streams them) and its write position."""
-    return {"obs": buffer.obs, "act": buffer.act, "rew": buffer.rew, "next_obs": buffer.next_obs, "done": buffer.done, "ptr": buffer.ptr, "size": buffer.size}
+    return {"obs": buffer.obs, "act": buffer.act, "rew": buffer.rew, "next_obs": buffer.next_obs, "done": buffer.done, "member": buffer.member, "ptr": buffer.ptr, "size": buffer.size}
 
 
 def load_buffer_state(buffer: ReplayBuffer, state: dict):
     for name in ("obs", "act", "rew", "next_obs", "done"):
         getattr(buffer, name).copy_(state[name])
+    if "member" in state:  # checkpoints from before it was kept have none (their runs never read it)
+        buffer.member.copy_(state["member"])
     buffer.ptr, buffer.size = state["ptr"], state["size"]
 
 
@@ -140,79 +140,3 @@ def load_checkpoint(path: str, required: tuple[str, ...], device: str | torch.de
     if missing:
         raise SystemExit(f"error: {path} is not a drop.py checkpoint with what this needs (missing {', '.join(missing)})")
     return checkpoint
-
-
-# ---------------------------------------------------------------------------------------------
-# Measured: the cost of a full-size checkpoint.
-
-
-@dataclass
-class Args:
-    """Write drop.py's checkpoint for a run with a full model buffer; print its size, write time and memory."""
-
-    family: Literal["hopper", "walker2d", "halfcheetah"] = "hopper"
-    """observation/action shapes of the run"""
-    repeats: int = 3
-    """checkpoints written (the median write time is reported)"""
-    out: str = "checkpoint-bench.pt"
-    """where to write it (removed afterwards)"""
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def current_rss_mb() -> float:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def main(args: Args):
-    import statistics
-    import time
-
-    import drop
-    from datasets import OBS_ACT_DIMS
-    from dice import build_dice, dice_optimizer, resolve
-    from sac import SAC
-
-    obs_dim, act_dim = OBS_ACT_DIMS[args.family]
-    run = drop.Args(env=f"builtin-{args.family}-medium")
-    hp = drop.task_hyperparameters(run, f"{args.family}-medium")
-    cpu = torch.device("cpu")
-    agent = SAC(obs_dim, act_dim, run.sac, cpu)
-    dice_config = resolve(run.dice)
-    dice = build_dice(dice_config, obs_dim, act_dim, run.dynamics.num_elites, torch.zeros(obs_dim + act_dim), torch.ones(obs_dim + act_dim))
-    dice_opt = dice_optimizer(dice, hp.dice_lr, dice_config)
-    model_buffer = ReplayBuffer(drop.model_buffer_capacity(run, hp.horizon), obs_dim, act_dim, cpu)
-    for storage in (model_buffer.obs, model_buffer.act, model_buffer.rew, model_buffer.next_obs):
-        storage.normal_()  # in place: no second copy in memory before the measurement
-    model_buffer.size = model_buffer.capacity
-    data = type("Data", (), {"name": run.env, "family": args.family, "eval_env_id": "", "obs_dim": obs_dim, "act_dim": act_dim})()
-    eval_history = [{"epoch": 10 * i + 9, "normalized_score": 0.0} for i in range(hp.epochs // 10)]
-    buffer_mb = sum(t.nbytes for t in buffer_state(model_buffer).values() if isinstance(t, torch.Tensor)) / 2**20
-
-    rss_before, seconds = current_rss_mb(), []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        drop.save_checkpoint(args.out, agent, dice, dice_opt, model_buffer, run, data, hp, 0, drop.EpochProgress(), eval_history, "", "", 0.0)
-        seconds.append(time.perf_counter() - start)
-    peak = peak_rss_mb()
-    size_mb = os.path.getsize(args.out) / 2**20
-    start = time.perf_counter()
-    load_checkpoint(args.out, drop.RESUME_KEYS, mmap=True)
-    load_buffer_state(model_buffer, torch.load(args.out, weights_only=True, mmap=True)["model_buffer"])
-    load_seconds = time.perf_counter() - start
-    os.remove(args.out)
-    write = statistics.median(seconds)
-    print(f"{args.family}: model buffer {model_buffer.capacity:,} transitions ({buffer_mb:.0f} MB); checkpoint {size_mb:.0f} MB")
-    print(f"write (torch.save + fsync + rename): median {write:.2f} s over {args.repeats} [{min(seconds):.2f}, {max(seconds):.2f}]; "
-          f"every {run.eval_every} epochs of ~9 s: {100 * write / (run.eval_every * 9):.2f}% of the run")
-    print(f"memory: RSS {rss_before:.0f} MB before writing, peak {peak:.0f} MB while writing (+{peak - rss_before:.0f} MB)")
-    print(f"read back (resume: open the file, copy the buffer in; file in the page cache): {load_seconds:.2f} s")
-
-
-if __name__ == "__main__":
-    import tyro
-
-    main(tyro.cli(Args))

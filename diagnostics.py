@@ -37,10 +37,11 @@ import tyro
 
 import drop
 from datasets import DatasetError, OfflineDataset, load_dataset, simulator_states
-from dice import build_dice, resolve
+from dice import resolve
 from dynamics import TERMINATION_FNS, MemberGroups, load_ensemble
 from eval import load_policy
 from sac import ReplayBuffer
+from tasks import TaskDefaults
 
 # Hopper's and Walker2d's observations clip every velocity to [-10, 10]; HalfCheetah's do not.
 VELOCITY_CLIP = {"hopper": 10.0, "walker2d": 10.0, "halfcheetah": None}
@@ -69,7 +70,7 @@ class Run:
 
     checkpoint: dict
     args: drop.Args
-    hp: drop.TaskDefaults
+    hp: TaskDefaults
     data: OfflineDataset
     dynamics: torch.nn.Module
     dice: torch.nn.Module | None
@@ -99,7 +100,7 @@ def load_run(run_dir: str) -> Run:
     dynamics = load_ensemble(path, data.family, data.obs_dim, data.act_dim, torch.device("cpu")).requires_grad_(False)
     dice = None
     if checkpoint["dice"] is not None:
-        dice = build_dice(resolve(args.dice), data.obs_dim, data.act_dim, len(dynamics.elites), dynamics.input_mean, dynamics.input_std)
+        dice = drop.build_ratio(args, data.obs_dim, data.act_dim, dynamics)
         try:
             dice.load_state_dict(checkpoint["dice"])
         except RuntimeError as e:
@@ -173,7 +174,7 @@ def correlations(penalty: np.ndarray, error: np.ndarray) -> dict[str, float]:
         return {"pearson": float(stats.pearsonr(penalty, error)[0]), "spearman": float(stats.spearmanr(penalty, error)[0])}
 
 
-def summary(name: str, values: dict[str, np.ndarray], error: np.ndarray, hp: drop.TaskDefaults) -> dict[str, float]:
+def summary(name: str, values: dict[str, np.ndarray], error: np.ndarray, hp: TaskDefaults) -> dict[str, float]:
     """Correlations with the error, the mean, and for DROP where tau fell against the clip."""
     stats = {**correlations(values["penalty"], error), "mean": float(values["penalty"].mean())}
     if name == "drop":

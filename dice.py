@@ -27,8 +27,8 @@ import torch
 import torch.nn as nn
 
 from nets import EnsembleMLP
+from tasks import Transform
 
-Transform = Literal["log", "tanh-shift", "tanh-offset"]
 Output = Literal["linear", "softplus", "exp"]
 BelowClip = Literal["clip", "zero", "max"]
 
@@ -291,7 +291,7 @@ def main(args: Args):
     from tqdm import trange
 
     from datasets import DatasetError, TanhGaussianPolicy, load_dataset
-    from drop import Args as DropArgs, task_hyperparameters
+    from tasks import task_defaults
     from dynamics import load_ensemble
     from sac import Actor, pick_device, seed_everything
 
@@ -307,7 +307,8 @@ def main(args: Args):
     seed_everything(args.seed)
     device = pick_device(args.device)
     config = resolve(args.dice)
-    hp = task_hyperparameters(DropArgs(env=args.env, dice_lr=args.lr, dice=args.dice), data.task)
+    hp = task_defaults(data.task)
+    hp = replace(hp, dice_lr=args.lr or hp.dice_lr, dice_lambda=config.lam if config.lam is not None else hp.dice_lambda)
     dynamics = load_ensemble(args.dynamics_path, data.family, data.obs_dim, data.act_dim, device)
     if policy_file is None:
         sample_action = uniform_policy(data.act_dim)

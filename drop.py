@@ -6,13 +6,16 @@
 
 1. Fit a bootstrapped ensemble of probabilistic dynamics models to the offline data.
 2. Every epoch, train one GradientDICE head per elite member to estimate
-   tau(s, a) = rho_pi^model(s, a) / d_data(s, a) under the current policy.
+   tau(s, a) = rho_pi^model(s, a) / d_data(s, a) under the current policy
+   (`--ratio classifier`: a classifier of model-buffer against dataset samples, classifier.py).
 3. Roll the policy out in the model from dataset states; penalise each model reward with
    r - eta * log(clip(tau, s1, s2)), using the head of the member that produced the transition.
 4. Train SAC on batches of 5% real and 95% model transitions.
 
 `--penalty mopo` swaps step 3's penalty for MOPO's (the largest std norm over the elites) and
-`--penalty none` removes it (MBPO); both skip step 2.
+`--penalty none` removes it (MBPO); both skip step 2 and take MOPO's per-dataset h (tasks.py).
+Every epoch logs SAC's mean Q beside max|r| / (1 - gamma), and says in one line when the critic
+diverges; the last line of a run states its largest critic loss and alpha.
 """
 
 import csv
@@ -32,41 +35,12 @@ import numpy as np
 import torch
 
 from checkpoint import atomic_save, atomic_write, buffer_state, check_writable, exclusive_lock, load_buffer_state, load_checkpoint, load_optimizer_state, rng_state, set_rng_state
+from classifier import ClassifierConfig, RatioClassifier, train_classifier
 from datasets import DEFAULT_ENV, DatasetError, OfflineDataset, load_dataset, make_eval_env, normalized_score
-from dice import DiceConfig, GradientDICE, Transform, build_dice, dice_optimizer, penalty, resolve, train_dice
+from dice import DiceConfig, GradientDICE, build_dice, dice_optimizer, penalty, resolve, train_dice
 from dynamics import TERMINATION_FNS, DynamicsConfig, MemberGroups, ProbabilisticEnsemble, load_ensemble, save_ensemble, train_ensemble
-from sac import SAC, Batch, ReplayBuffer, SACConfig, evaluate, pick_device, seed_everything, start_run
-
-
-@dataclass(frozen=True)
-class TaskDefaults:
-    horizon: int
-    eta: float
-    dice_steps: int
-    dice_lr: float
-    dice_lambda: float
-    clip: tuple[float, float] | None
-    transform: Transform
-    epochs: int
-
-
-# The authors' per-dataset configs (github.com/cmciris/DROP). Where they differ from the
-# paper's text (which states one DICE lr, 1e-4), the configs win.
-LOG_10, LOG_50 = (0.01, 10.0), (0.01, 50.0)
-TASK_DEFAULTS = {
-    "halfcheetah-random": TaskDefaults(5, 0.5, 400, 1e-4, 0.1, LOG_10, "log", 500),
-    "halfcheetah-medium": TaskDefaults(5, 1.0, 400, 1e-4, 0.1, LOG_10, "log", 500),
-    "halfcheetah-medium-replay": TaskDefaults(5, 1.0, 400, 1e-4, 1.0, LOG_10, "log", 500),
-    "halfcheetah-medium-expert": TaskDefaults(5, 0.1, 200, 1e-4, 0.5, LOG_50, "log", 500),
-    "hopper-random": TaskDefaults(5, 1.0, 400, 1e-4, 0.1, None, "tanh-shift", 1500),
-    "hopper-medium": TaskDefaults(5, 5.0, 400, 1e-4, 0.1, LOG_10, "log", 1500),
-    "hopper-medium-replay": TaskDefaults(5, 1.0, 400, 1e-4, 0.1, LOG_10, "log", 1500),
-    "hopper-medium-expert": TaskDefaults(5, 5.0, 400, 1e-4, 0.1, LOG_10, "log", 1500),
-    "walker2d-random": TaskDefaults(1, 1.0, 600, 1e-3, 0.1, LOG_50, "log", 3000),
-    "walker2d-medium": TaskDefaults(5, 0.1, 400, 1e-4, 0.1, None, "tanh-offset", 3000),
-    "walker2d-medium-replay": TaskDefaults(1, 2.0, 600, 1e-4, 0.1, LOG_50, "log", 3000),
-    "walker2d-medium-expert": TaskDefaults(1, 5.0, 500, 1e-4, 0.1, None, "tanh-offset", 3000),
-}
+from sac import SAC, Batch, ReplayBuffer, SACConfig, adam, evaluate, pick_device, seed_everything, start_run
+from tasks import TaskDefaults, Transform, task_defaults
 
 
 @dataclass
@@ -77,6 +51,8 @@ class Args:
     """a D4RL-format HDF5 file to train on; --env then fixes the eval env, the score and the defaults"""
     penalty: Literal["drop", "mopo", "none"] = "drop"
     """reward penalty: drop (density ratio), mopo (max std norm over elites) or none (MBPO)"""
+    ratio: Literal["dice", "classifier"] = "dice"
+    """DROP's ratio estimator: dice (GradientDICE, the paper's) or classifier (rollout vs data samples, defined where the rollouts go)"""
     eta: float | None = None
     """penalty coefficient (default: the per-dataset table)"""
     horizon: int | None = None
@@ -131,11 +107,13 @@ class Args:
     """dynamics ensemble architecture and training"""
     dice: DiceConfig = field(default_factory=DiceConfig)
     """GradientDICE settings shared by all datasets (--dice.preset checked: the variant that passes the known-answer checks)"""
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    """settings of the classifier ratio (--ratio classifier)"""
 
 
 def args_from_dict(values: dict) -> Args:
     """The Args of a saved run (`asdict(args)` in its checkpoint), nested configs included."""
-    nested = {"sac": SACConfig, "dynamics": DynamicsConfig, "dice": DiceConfig}
+    nested = {"sac": SACConfig, "dynamics": DynamicsConfig, "dice": DiceConfig, "classifier": ClassifierConfig}
     values = {name: nested[name](**value) if name in nested else value for name, value in values.items()}
     values["dynamics"].weight_decays = tuple(values["dynamics"].weight_decays)
     values["clip"] = tuple(values["clip"]) if values.get("clip") is not None else None
@@ -144,17 +122,32 @@ def args_from_dict(values: dict) -> Args:
 
 
 def task_hyperparameters(args: Args, task: str) -> TaskDefaults:
-    """The table's entry for `task`, with every flag the user gave on top."""
-    family = task.split("-")[0]
-    # Tasks without an authors' config (expert datasets, unknown kinds) use the family's medium one.
-    defaults = TASK_DEFAULTS.get(task, TASK_DEFAULTS[f"{family}-medium"])
+    """The table's entry for `task` and `--penalty` (tasks.py), with every flag the user gave on top."""
+    try:
+        defaults = task_defaults(task, args.penalty)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     overrides = {name: getattr(args, name) for name in ("horizon", "eta", "dice_steps", "dice_lr", "dice_lambda", "clip", "transform", "epochs")}
-    hp = replace(defaults, **{name: value for name, value in overrides.items() if value is not None})
+    given = {name: value for name, value in overrides.items() if value is not None}
+    flags = ", ".join("--" + name.replace("_", "-") for name in given)
+    hp = replace(defaults, **given, source=defaults.source + (f"; {flags} from the command line" if given else ""))
     dice_lambda = resolve(args.dice).lam
     if args.dice_lambda is None and dice_lambda is not None:
         hp = replace(hp, dice_lambda=dice_lambda)
     if args.no_clip:
         hp = replace(hp, clip=None)
+    rules = [("--horizon", hp.horizon, hp.horizon >= 1, "at least 1"), ("--epochs", hp.epochs, hp.epochs >= 1, "at least 1"),
+             ("--eta", hp.eta, hp.eta >= 0, "at least 0"), ("--dice-steps", hp.dice_steps, hp.dice_steps >= 0, "at least 0"),
+             ("--dice-lr", hp.dice_lr, hp.dice_lr > 0, "above 0")]
+    impossible = [f"{flag} {value} ({rule})" for flag, value, holds, rule in rules if not holds]
+    if hp.clip is not None and hp.clip[0] >= hp.clip[1]:
+        impossible.append(f"--clip {hp.clip[0]} {hp.clip[1]} (the lower bound below the upper)")
+    if impossible:
+        raise SystemExit(f"error: impossible {', '.join(impossible)}")
+    if args.ratio == "classifier" and args.penalty != "drop":
+        raise SystemExit(f"error: --ratio classifier is DROP's ratio estimator; --penalty {args.penalty} has no ratio (drop --ratio, or use --penalty drop)")
+    if args.ratio == "classifier" and (hp.dice_steps < 1 or args.classifier.batch_size < 1):
+        raise SystemExit(f"error: --ratio classifier needs --dice-steps and --classifier.batch-size of at least 1 (got {hp.dice_steps}, {args.classifier.batch_size})")
     if args.penalty == "drop" and hp.transform == "log" and (hp.clip is None or hp.clip[0] <= 0):
         raise SystemExit("error: the log transform needs a clip with a positive lower bound: pass --clip 0.01 10 or another --transform")
     return hp
@@ -168,7 +161,14 @@ def real_buffer(data: OfflineDataset, device: torch.device) -> ReplayBuffer:
     return buffer
 
 
-def drop_penalty(dice: GradientDICE, obs, act, groups: MemberGroups, hp: TaskDefaults, dice_config: DiceConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def build_ratio(args: Args, obs_dim: int, act_dim: int, dynamics: ProbabilisticEnsemble) -> GradientDICE | RatioClassifier:
+    """DROP's ratio heads, one per elite: GradientDICE (the paper's), or with --ratio classifier the classifier."""
+    if args.ratio == "classifier":
+        return RatioClassifier(obs_dim, act_dim, len(dynamics.elites), args.classifier.hidden, dynamics.input_mean, dynamics.input_std)
+    return build_dice(resolve(args.dice), obs_dim, act_dim, len(dynamics.elites), dynamics.input_mean, dynamics.input_std)
+
+
+def drop_penalty(dice: GradientDICE | RatioClassifier, obs, act, groups: MemberGroups, hp: TaskDefaults, dice_config: DiceConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """tau of each sample under its own elite's head, and the penalty eta multiplies."""
     # Head g belongs to elite g, so the grouped layout pairs each sample with its member's head.
     tau = groups.gather(dice.ratio(groups.scatter(obs), groups.scatter(act)))
@@ -206,7 +206,7 @@ def rollout(dynamics, agent, dice, start_obs, hp: TaskDefaults, args: Args, term
         stats["reward"].append(reward)
         stats["penalty"].append(reward_penalty)
         done = terminated_fn(next_obs)
-        buffer.add(obs, act, reward - hp.eta * reward_penalty, next_obs, done)
+        buffer.add(obs, act, reward - hp.eta * reward_penalty, next_obs, done, groups.member)
         obs = next_obs[~done]
         if len(obs) == 0:
             break
@@ -264,8 +264,49 @@ class EpochProgress:
     """SAC's losses summed over the updates (tensors: no host sync per update)"""
 
 
+def return_bound(real: ReplayBuffer, model: ReplayBuffer, gamma: float) -> float:
+    """max|r| / (1 - gamma) over every reward SAC trains on: the largest |return| they allow."""
+    return torch.cat([real.rew[: real.size], model.rew[: model.size]]).abs().max().item() / (1 - gamma)
+
+
+# The critic counts as diverging when |mean Q| stays above this many times max|r| / (1 - gamma) for this many epochs.
+Q_BOUND_FACTOR, DIVERGING_EPOCHS = 3.0, 3
+
+
+@dataclass
+class CriticHealth:
+    """What every report of a run states: SAC's largest epoch-mean critic loss and alpha, and whether Q diverged."""
+
+    max_critic_loss: float = 0.0
+    max_alpha: float = 0.0
+    over_bound_since: int | None = None
+    """first epoch (0-based) of the current stretch with |mean Q| above Q_BOUND_FACTOR x the reward bound"""
+    diverging_since: int | None = None
+    """over_bound_since of the first stretch that lasted DIVERGING_EPOCHS epochs"""
+
+    def update(self, epoch: int, sac: dict[str, float], q_bound: float) -> str | None:
+        """Take one epoch's SAC means; returns the one-line warning when the critic has just been found diverging."""
+        self.max_critic_loss, self.max_alpha = max(self.max_critic_loss, sac["critic_loss"]), max(self.max_alpha, sac["alpha"])
+        if abs(sac["q_mean"]) <= Q_BOUND_FACTOR * q_bound:
+            self.over_bound_since = None
+            return None
+        if self.over_bound_since is None:
+            self.over_bound_since = epoch
+        if self.diverging_since is None and epoch + 1 - self.over_bound_since >= DIVERGING_EPOCHS:
+            self.diverging_since = self.over_bound_since
+            return (f"warning: the critic is diverging: mean Q {sac['q_mean']:.3g} has been beyond {Q_BOUND_FACTOR:g} x max|r| / (1 - gamma) = "
+                    f"{Q_BOUND_FACTOR * q_bound:.3g} since epoch {self.over_bound_since + 1} (critic loss {sac['critic_loss']:.3g}, alpha {sac['alpha']:.3g}); "
+                    "its scores mean nothing (see sac/q_mean, sac/q_bound)")
+        return None
+
+    def summary(self) -> str:
+        diverged = f"; critic diverging since epoch {self.diverging_since + 1}" if self.diverging_since is not None else ""
+        return f"largest critic loss {self.max_critic_loss:.3g}, largest alpha {self.max_alpha:.3g}{diverged}"
+
+
 def save_checkpoint(path: str, agent: SAC, dice: GradientDICE | None, dice_opt, model_buffer: ReplayBuffer, args: Args, data: OfflineDataset, hp: TaskDefaults,
-                    epoch: int, progress: EpochProgress, eval_history: list[dict], dynamics_path: str, data_sha256: str, wall_seconds: float):
+                    epoch: int, progress: EpochProgress, eval_history: list[dict], dynamics_path: str, data_sha256: str, wall_seconds: float,
+                    critic_health: CriticHealth):
     """Everything needed to continue the run exactly, and what eval.py needs, loadable with weights_only=True.
 
     `epoch` is the last completed epoch; `progress` says how far the next one got. The eval env
@@ -292,6 +333,7 @@ def save_checkpoint(path: str, agent: SAC, dice: GradientDICE | None, dice_opt, 
         "act_dim": data.act_dim,
         "epoch": epoch,
         "epoch_progress": asdict(progress),
+        "critic_health": asdict(critic_health),
         "epochs": hp.epochs,
         "finished": epoch + 1 == hp.epochs,
         "eval_history": eval_history,
@@ -320,7 +362,7 @@ def restore_checkpoint(checkpoint: dict, agent: SAC, dice: GradientDICE | None, 
 RESUME_KEYS = ("args", "epoch", "epochs", "finished", "epoch_progress", "model_buffer", "rng", "actor_opt", "dynamics_path", "eval_history")
 # What a resumed run may change: the way out of a NaN (another seed, smaller steps), where it runs,
 # and its length (more epochs extend a run; nothing in an epoch depends on the total).
-RESUME_MAY_CHANGE = {"resume", "seed", "sac.actor_lr", "sac.critic_lr", "sac.alpha_lr", "dice_lr", "dice.f_lr", "dice.nu_lr", "device", "track", "epochs"}
+RESUME_MAY_CHANGE = {"resume", "seed", "sac.actor_lr", "sac.critic_lr", "sac.alpha_lr", "dice_lr", "dice.f_lr", "dice.nu_lr", "classifier.lr", "device", "track", "epochs"}
 
 
 def checkpoint_file(run: str) -> str:
@@ -488,24 +530,37 @@ def main(args: Args):
     model_buffer = ReplayBuffer(model_buffer_capacity(args, hp.horizon), data.obs_dim, data.act_dim, device)
     sample_action = lambda obs: agent.actor(obs)[0]
 
-    # 2. GradientDICE heads, one per elite. The dynamics are frozen, so each elite's mean
-    # next state for every dataset (s, a) is computed once here instead of at every DICE step.
+    # 2. The density-ratio heads, one per elite, and `train_ratio(steps)`, which returns each head's training objective.
+    # GradientDICE: the dynamics are frozen, so each elite's mean next state for every dataset (s, a)
+    # is computed once here instead of at every DICE step.
     dice, dice_opt, dice_config = None, None, resolve(args.dice)
     if args.penalty == "drop":
-        dice = build_dice(dice_config, data.obs_dim, data.act_dim, len(dynamics.elites), dynamics.input_mean, dynamics.input_std).to(device)
+        dice = build_ratio(args, data.obs_dim, data.act_dim, dynamics).to(device)
+    if args.penalty == "drop" and args.ratio == "dice":
         dice_opt = dice_optimizer(dice, hp.dice_lr, dice_config)
         dice_next_obs = dynamics.elite_mean_next_obs(real_obs, real_act)
+        train_ratio = lambda steps: train_dice(dice, dice_opt, real_obs, real_act, dice_next_obs, real_obs, sample_action, steps, dice_config, hp.dice_lambda)
         if checkpoint is None:
-            train_dice(dice, dice_opt, real_obs, real_act, dice_next_obs, real_obs, sample_action, args.dice.pretrain_steps, dice_config, hp.dice_lambda)
+            train_ratio(args.dice.pretrain_steps)
+    elif args.penalty == "drop":
+        dice_opt = adam(dice.parameters(), args.classifier.lr, device)
+
+        def train_ratio(steps: int) -> torch.Tensor:
+            """The classifier's positives are what SAC trains on: the model buffer. Before the first rollout it has none, and the ratio stays 1."""
+            if model_buffer.size == 0:
+                return torch.full((dice.num_heads,), math.log(2.0), device=device)  # the logistic loss at logit 0
+            size = model_buffer.size
+            return train_classifier(dice, dice_opt, model_buffer.obs[:size], model_buffer.act[:size], model_buffer.member[:size], real_obs, real_act, steps, args.classifier.batch_size)
     # Fixed dataset (s, a) for tau's health check; its own generator, so resuming draws the same ones.
     health_idx = torch.randperm(real.size, generator=torch.Generator().manual_seed(args.seed))[:10_000].to(device)
 
-    progress, eval_history, wall_offset = EpochProgress(), [], 0.0
+    progress, eval_history, wall_offset, critic_health = EpochProgress(), [], 0.0, CriticHealth()
     if checkpoint:
         restore_checkpoint(checkpoint, agent, dice, dice_opt, model_buffer)
         progress = EpochProgress(**checkpoint["epoch_progress"])
         progress.loss_sums = {name: value.to(device) for name, value in progress.loss_sums.items()}
         eval_history, wall_offset = checkpoint["eval_history"], checkpoint["wall_seconds"]
+        critic_health = CriticHealth(**checkpoint.get("critic_health", {}))
         if args.seed == checkpoint["args"]["seed"]:
             set_rng_state(checkpoint["rng"])  # the exact continuation; a new --seed takes another path from here
         write_progress(os.path.join(run_dir, "progress.csv"), eval_history)
@@ -516,7 +571,7 @@ def main(args: Args):
     save_every = args.save_every or args.eval_every
     run_start = time.perf_counter() - wall_offset
     save = lambda epoch: save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent, dice, dice_opt, model_buffer, args, data, hp, epoch, progress,
-                                         eval_history, dynamics_path, data_sha256, time.perf_counter() - run_start)
+                                         eval_history, dynamics_path, data_sha256, time.perf_counter() - run_start, critic_health)
 
     def stop_here(last_epoch: int, signum: int):
         writer.flush()  # TensorBoard must hold every step before the checkpoint's, or they are lost for good
@@ -534,7 +589,7 @@ def main(args: Args):
         for epoch in range(start_epoch, hp.epochs):
             epoch_start = time.perf_counter()
             if dice is not None and progress.step == 0:
-                objective = train_dice(dice, dice_opt, real_obs, real_act, dice_next_obs, real_obs, sample_action, hp.dice_steps, dice_config, hp.dice_lambda)
+                objective = train_ratio(hp.dice_steps)
                 # E_D[tau] is 1 for a policy the data covers, else the share of its occupancy the data covers; below 0 is a failed estimate.
                 with torch.no_grad():
                     tau_data = dice.ratio(real_obs[health_idx], real_act[health_idx]).mean()
@@ -557,6 +612,10 @@ def main(args: Args):
             # The epoch's means, all logged at step `epoch`, one host sync per epoch.
             sac = sac_means()
             check_finite(sac, "sac/", epoch, run_dir)
+            sac["q_bound"] = return_bound(real, model_buffer, args.sac.gamma)
+            warning = critic_health.update(epoch, sac, sac["q_bound"])
+            if warning:
+                bar.write(warning, file=sys.stderr)
             rollout_means = {name: float(np.mean([r[name] for r in progress.rollouts])) for name in progress.rollouts[0]}
             for group, values in (("dice", progress.dice), ("rollout", rollout_means), ("sac", sac)):
                 for name, value in values.items():
@@ -588,7 +647,7 @@ def main(args: Args):
             bar.set_postfix({name: f"{value:.2f}" for name, value in health.items()} | {"score": f"{score:.1f}"})
             if stop.requested and not final:
                 stop_here(epoch, stop.requested)
-    print(f"normalized score: {score:.1f} (last eval); checkpoint in {run_dir}")
+    print(f"normalized score: {score:.1f} (last eval); {critic_health.summary()}; checkpoint in {run_dir}")
 
 
 if __name__ == "__main__":

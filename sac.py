@@ -6,6 +6,7 @@ which this project uses to train its own behaviour policies:
     python sac.py --env Hopper-v4 --total-steps 200000
 """
 
+import math
 import os
 import random
 import time
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 
 from nets import EnsembleMLP
 
-LOG_STD_MIN, LOG_STD_MAX = -20.0, 2.0
+LOG_STD_MAX = 2.0
 
 
 @dataclass
@@ -40,6 +41,10 @@ class SACConfig:
     """target-critic update rate: target <- (1 - polyak) * target + polyak * critic"""
     batch_size: int = 256
     """transitions per SAC update"""
+    log_std_min: float = -20.0
+    """floor of the actor's log-std (the ceiling is 2)"""
+    alpha_max: float | None = None
+    """upper bound on the entropy temperature alpha (None: unbounded)"""
 
 
 class Batch(NamedTuple):
@@ -51,7 +56,11 @@ class Batch(NamedTuple):
 
 
 class ReplayBuffer:
-    """A circular buffer of transitions stored as tensors on the training device."""
+    """A circular buffer of transitions stored as tensors on the training device.
+
+    `member` records which ensemble member produced a model transition (drop.py's classifier ratio
+    trains each head on its own member's samples); it stays 0 for real data.
+    """
 
     def __init__(self, capacity: int, obs_dim: int, act_dim: int, device: torch.device):
         self.capacity, self.size, self.ptr = capacity, 0, 0
@@ -60,12 +69,14 @@ class ReplayBuffer:
         self.rew = torch.zeros(capacity, device=device)
         self.next_obs = torch.zeros(capacity, obs_dim, device=device)
         self.done = torch.zeros(capacity, device=device)
+        self.member = torch.zeros(capacity, dtype=torch.int8, device=device)
 
-    def add(self, obs, act, rew, next_obs, done):
+    def add(self, obs, act, rew, next_obs, done, member: torch.Tensor | None = None):
         """Add a batch of transitions (tensors with a leading batch dimension), overwriting the oldest."""
         n = obs.shape[0]
         idx = (self.ptr + torch.arange(n, device=self.obs.device)) % self.capacity
-        for storage, values in zip((self.obs, self.act, self.rew, self.next_obs, self.done), (obs, act, rew, next_obs, done)):
+        member = torch.zeros(n, dtype=torch.int8, device=self.obs.device) if member is None else member
+        for storage, values in zip((self.obs, self.act, self.rew, self.next_obs, self.done, self.member), (obs, act, rew, next_obs, done, member)):
             storage[idx] = values.to(storage.dtype)
         self.ptr = (self.ptr + n) % self.capacity
         self.size = min(self.size + n, self.capacity)
@@ -78,8 +89,9 @@ class ReplayBuffer:
 class Actor(nn.Module):
     """Tanh-Gaussian policy with two ReLU hidden layers."""
 
-    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256):
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256, log_std_min: float = -20.0):
         super().__init__()
+        self.log_std_min = log_std_min
         self.trunk = nn.Sequential(nn.Linear(obs_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU())
         self.mean = nn.Linear(hidden, act_dim)
         self.log_std = nn.Linear(hidden, act_dim)
@@ -87,7 +99,7 @@ class Actor(nn.Module):
     def forward(self, obs: torch.Tensor, deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns an action in [-1, 1] and its log-probability."""
         h = self.trunk(obs)
-        mean, log_std = self.mean(h), self.log_std(h).clamp(LOG_STD_MIN, LOG_STD_MAX)
+        mean, log_std = self.mean(h), self.log_std(h).clamp(self.log_std_min, LOG_STD_MAX)
         u = mean if deterministic else mean + log_std.exp() * torch.randn_like(mean)
         # Gaussian log-density of u, then the tanh change of variables in a numerically stable form.
         log_prob = (-0.5 * ((u - mean) / log_std.exp()) ** 2 - log_std - 0.5 * np.log(2 * np.pi)).sum(-1)
@@ -143,7 +155,7 @@ def adam(params, lr: float, device: torch.device) -> torch.optim.Adam:
 class SAC:
     def __init__(self, obs_dim: int, act_dim: int, config: SACConfig, device: torch.device):
         self.config, self.device = config, device
-        self.actor = Actor(obs_dim, act_dim, config.hidden).to(device)
+        self.actor = Actor(obs_dim, act_dim, config.hidden, config.log_std_min).to(device)
         self.critic = TwinCritic(obs_dim, act_dim, config.hidden).to(device)
         self.critic_target = TwinCritic(obs_dim, act_dim, config.hidden).to(device)
         self.critic_target.load_state_dict(self.critic.state_dict())
@@ -165,7 +177,8 @@ class SAC:
         """One gradient step on critics, actor and temperature. Returns detached losses (no host sync)."""
         alpha = self.log_alpha.exp().detach()
         target_q = self.td_target(batch, alpha)
-        critic_loss = ((self.critic(batch.obs, batch.act) - target_q) ** 2).mean(1).sum()
+        q = self.critic(batch.obs, batch.act)
+        critic_loss = ((q - target_q) ** 2).mean(1).sum()
         self.critic_opt.zero_grad(set_to_none=True)
         critic_loss.backward()
         self.critic_opt.step()
@@ -184,11 +197,15 @@ class SAC:
         self.alpha_opt.zero_grad(set_to_none=True)
         alpha_loss.backward()
         self.alpha_opt.step()
+        if self.config.alpha_max is not None:  # clamp the parameter itself, so that it cannot wind up beyond the cap
+            with torch.no_grad():
+                self.log_alpha.clamp_(max=math.log(self.config.alpha_max))
 
         with torch.no_grad():
             target_params, params = list(self.critic_target.parameters()), list(self.critic.parameters())
             torch._foreach_lerp_(target_params, params, self.config.polyak)
-        return {"critic_loss": critic_loss.detach(), "actor_loss": actor_loss.detach(), "alpha": alpha, "entropy": -log_prob.detach().mean()}
+        return {"critic_loss": critic_loss.detach(), "actor_loss": actor_loss.detach(), "alpha": alpha, "entropy": -log_prob.detach().mean(),
+                "q_mean": q.detach().mean()}
 
 
 def evaluate(actor: Actor, env, episodes: int, seed: int) -> np.ndarray:

@@ -23,6 +23,7 @@ import csv
 import io
 import itertools
 import json
+import math
 import os
 import shutil
 import socket
@@ -66,6 +67,8 @@ class Args:
     """seeds; each (dataset, seed) trains one dynamics ensemble"""
     etas: tuple[float, ...] | None = None
     """penalty coefficients (default: each dataset's value in drop.py's table)"""
+    variants: tuple[str, ...] = ()
+    """more versions of the drop runs, each NAME=FLAGS (checked="--dice.preset checked" classifier="--ratio classifier"): a table column each, on the same datasets, seeds and ensembles"""
     name: str = "sweep"
     """the sweep's folder: sweeps/{name}"""
     address: str | None = None
@@ -109,11 +112,14 @@ class Run:
     eta: float
     seed: int
     epochs: int  # planned
-    column: str  # the table column: the penalty, and eta when the sweep sets several
+    column: str  # the table column: the penalty (and variant), and eta when the sweep sets several
+    variant: str = ""  # the name of a --variants entry; "" for the plain runs
+    flags: tuple[str, ...] = ()  # its drop.py flags
 
     @property
     def name(self) -> str:
-        return f"{self.env.replace('/', '_')}__{self.penalty}__eta{self.eta:g}__seed{self.seed}"
+        penalty = f"{self.penalty}-{self.variant}" if self.variant else self.penalty
+        return f"{self.env.replace('/', '_')}__{penalty}__eta{self.eta:g}__seed{self.seed}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,16 +183,27 @@ def split_flags(argv: list[str]) -> list[list[str]]:
     return groups
 
 
-def drop_flags_checked(passthrough: list[str]) -> drop.Args:
-    """drop.py's arguments from the pass-through flags; a flag drop.py refuses ends the sweep before it starts."""
+def drop_flags_checked(passthrough: list[str], default: drop.Args | None = None) -> drop.Args:
+    """drop.py's arguments from the pass-through flags (on top of `default`); a flag drop.py refuses ends the sweep before it starts."""
     for group in split_flags(passthrough):
         if group[0].split("=")[0].replace("_", "-") in SWEEP_FLAGS:
             raise SystemExit(f"error: {group[0]} is set by sweep.py for each run; use --envs, --seeds, --penalties, --etas, --name instead")
     try:
         with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
-            return tyro.cli(drop.Args, args=passthrough)
+            return tyro.cli(drop.Args, args=passthrough, default=default)
     except SystemExit:
         raise SystemExit(f"error: drop.py does not take `{' '.join(passthrough)}`; see `python drop.py --help` for its flags") from None
+
+
+def drop_variants(variants: tuple[str, ...]) -> list[tuple[str, tuple[str, ...]]]:
+    """The plain drop runs ("", no flags) and each NAME=FLAGS of --variants."""
+    parsed = [("", ())]
+    for variant in variants:
+        name, equals, flags = variant.partition("=")
+        if not equals or not name.replace("-", "").isalnum() or name in {n for n, _ in parsed}:
+            raise SystemExit(f"error: --variants {variant!r}: each variant is NAME=FLAGS with a new name of letters, digits and dashes, e.g. checked='--dice.preset checked'")
+        parsed.append((name, tuple(flags.split())))
+    return parsed
 
 
 def plan(args: Args, drop_args: drop.Args) -> list[Run]:
@@ -198,11 +215,13 @@ def plan(args: Args, drop_args: drop.Args) -> list[Run]:
         except DatasetError as e:
             raise SystemExit(f"error: {e}")
         task = f"{parsed.family}-{parsed.kind}"
-        hp = drop.task_hyperparameters(replace(drop_args, penalty=penalty), task)
-        etas = (0.0,) if penalty == "none" else args.etas or (hp.eta,)
-        for eta, seed in itertools.product(etas, args.seeds):
-            column = penalty if penalty == "none" or args.etas is None or len(args.etas) == 1 else f"{penalty} eta={eta:g}"
-            runs.append(Run(env, task, penalty, eta, seed, hp.epochs, column))
+        for variant, flags in drop_variants(args.variants) if penalty == "drop" else [("", ())]:
+            hp = drop.task_hyperparameters(replace(drop_flags_checked(list(flags), drop_args), penalty=penalty), task)
+            etas = (0.0,) if penalty == "none" else args.etas or (hp.eta,)
+            for eta, seed in itertools.product(etas, args.seeds):
+                column = f"{penalty} ({variant})" if variant else penalty
+                column += "" if penalty == "none" or args.etas is None or len(args.etas) == 1 else f" eta={eta:g}"
+                runs.append(Run(env, task, penalty, eta, seed, hp.epochs, column, variant, flags))
     return runs
 
 
@@ -239,7 +258,8 @@ def refuse_changed_settings(sweep_dir: str, runs: list[Run], drop_args: drop.Arg
     # (file, its settings' key, the settings wanted, their flags' prefix, the most epochs a run there may have done)
     saved_files = [(dynamics_path(sweep_dir, run.env, run.seed), "config", asdict(drop_args.dynamics), "--dynamics.", None) for run in runs]
     saved_files += [
-        (os.path.join(sweep_dir, "runs", run.name, "checkpoint.pt"), "args", asdict(replace(drop_args, env=run.env, penalty=run.penalty, eta=run.eta, seed=run.seed, run_name=run.name)), "--", run.epochs)
+        (os.path.join(sweep_dir, "runs", run.name, "checkpoint.pt"), "args",
+         asdict(replace(drop_flags_checked(list(run.flags), drop_args), env=run.env, penalty=run.penalty, eta=run.eta, seed=run.seed, run_name=run.name)), "--", run.epochs)
         for run in runs
     ]  # fmt: skip
     for path, key, wanted, flag_prefix, most_epochs in saved_files:
@@ -312,7 +332,7 @@ def train_run(run: Run, flags: list[str], sweep_dir: str, threads: int, dynamics
             shutil.rmtree(os.path.join(sweep_dir, run_dir), ignore_errors=True)
         argv = [
             os.path.join(HERE, "drop.py"), "--env", run.env, "--seed", str(run.seed), "--penalty", run.penalty, "--eta", str(run.eta),
-            "--run-name", run.name, "--dynamics-path", dynamics_path, *flags, *carry_on,
+            "--run-name", run.name, "--dynamics-path", dynamics_path, *flags, *run.flags, *carry_on,
         ]  # fmt: skip
         run_script(argv, sweep_dir, os.path.join(sweep_dir, "logs", f"{run.name}.log"), threads)
     return run.name
@@ -345,7 +365,16 @@ def result_row(run: Run, sweep_dir: str) -> dict:
         "epochs": checkpoint["epoch"] + 1, "normalized_score": checkpoint["normalized_score"],
         "wall_seconds": round(checkpoint.get("wall_seconds", record["wall_seconds"]), 1),  # the run's own clock counts every resumed part
         "host": record["host"], "run_dir": os.path.relpath(run_dir, sweep_dir),
+        **critic_columns(checkpoint.get("critic_health")),
     }  # fmt: skip
+
+
+def critic_columns(health: dict | None) -> dict:
+    """SAC's largest epoch-mean critic loss and alpha, and the epoch (1-based) since which the critic diverged (0: never); NaN for checkpoints from before drop.py kept them."""
+    if health is None:
+        return {"max_critic_loss": float("nan"), "max_alpha": float("nan"), "diverging_since": float("nan")}
+    since = health["diverging_since"]
+    return {"max_critic_loss": health["max_critic_loss"], "max_alpha": health["max_alpha"], "diverging_since": 0 if since is None else since + 1}
 
 
 def write_atomically(path: str, text: str):
@@ -417,6 +446,11 @@ def format_table(title: str, runs: list[Run], rows: dict[Run, dict], failed: lis
         for x, y in itertools.product(drops, others):
             value, (low, high) = improvement_with_ci(per_column[x], per_column[y], reps)
             lines.append(f"| {x} | {y} | {value:.2f} | [{low:.2f}, {high:.2f}] |")
+    lines += ["", "Every run's critic: SAC's largest epoch-mean critic loss and alpha, and the epoch since which its mean Q was diverging (drop.py's warning).",
+              "", "| run | epochs | score | largest critic loss | largest alpha | diverging since |", "|---|---|---|---|---|---|"]
+    for run, row in rows.items():
+        since = "never" if row["diverging_since"] == 0 else "—" if math.isnan(row["diverging_since"]) else f"epoch {row['diverging_since']:.0f}"
+        lines.append(f"| {run.name} | {row['epochs']} | {row['normalized_score']:.1f} | {row['max_critic_loss']:.3g} | {row['max_alpha']:.3g} | {since} |")
     if failed:
         lines += ["", f"Failed runs ({len(failed)}), left out above:", *[f"- {line}" for line in failed]]
     return "\n".join(lines) + "\n"

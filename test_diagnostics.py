@@ -22,7 +22,7 @@ from scipy import stats
 import datasets
 import diagnostics
 from dice import penalty
-from drop import TaskDefaults
+from tasks import TaskDefaults
 from sac import Actor
 from test_drop import HERE, hopper_file, runs  # noqa: F401 (fixtures)
 from test_dynamics import collect

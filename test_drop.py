@@ -77,7 +77,7 @@ def test_each_penalty_trains_and_logs_finite_values(runs, penalty):
     assert (run_dir / "checkpoint.pt").is_file()
     assert glob.glob(str(run_dir / "events.out.tfevents.*"))
     scalars = logged_scalars(str(run_dir))
-    for tag in ("sac/critic_loss", "sac/actor_loss", "eval/normalized_score"):
+    for tag in ("sac/critic_loss", "sac/actor_loss", "sac/q_mean", "sac/q_bound", "eval/normalized_score"):
         assert len(scalars[tag]) == 2, tag  # one value per epoch
     for tag in ("rollout/reward_mean", "rollout/length_mean"):
         assert len(scalars[tag]) == 2, tag  # the mean of the epoch's two rollouts
@@ -177,3 +177,49 @@ def test_table_defaults_and_flag_overrides():
 def test_log_transform_needs_a_positive_clip(argv):
     with pytest.raises(SystemExit, match="positive lower bound"):
         drop.task_hyperparameters(tyro.cli(drop.Args, args=argv), "hopper-medium")
+
+
+@pytest.mark.parametrize("penalty, horizon, eta, source", [
+    ("drop", 5, 1.0, "DROP authors' config for halfcheetah-medium"),
+    ("mopo", 1, 1.0, "MOPO's config for halfcheetah-medium"),
+    ("none", 1, 0.0, "MBPO with MOPO's rollout length for halfcheetah-medium"),
+])  # fmt: skip
+def test_each_penalty_takes_its_own_table(penalty, horizon, eta, source):
+    """MOPO's baseline runs at MOPO's published h and lambda (not DROP's eta), MBPO at MOPO's h; the source is named."""
+    hp = drop.task_hyperparameters(tyro.cli(drop.Args, args=["--penalty", penalty]), "halfcheetah-medium")
+    assert (hp.horizon, hp.eta, hp.epochs, hp.source) == (horizon, eta, 500, source)
+    hp = drop.task_hyperparameters(tyro.cli(drop.Args, args=["--penalty", penalty, "--horizon", "3", "--eta", "0.5"]), "hopper-medium")
+    assert (hp.horizon, hp.eta) == (3, 0.5) and "--horizon, --eta from the command line" in hp.source
+
+
+def test_mopo_table_is_mopos_configs():
+    """A few entries of MOPO's examples/config/d4rl, and the family fallback for datasets it has no config for."""
+    mopo = lambda task: drop.task_hyperparameters(tyro.cli(drop.Args, args=["--penalty", "mopo"]), task)
+    assert (mopo("hopper-medium").horizon, mopo("hopper-medium").eta) == (5, 5.0)
+    assert (mopo("walker2d-medium-expert").horizon, mopo("walker2d-medium-expert").eta) == (1, 2.0)
+    assert mopo("hopper-expert").source == "MOPO's config for hopper-medium"
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--horizon", "0"], "--horizon 0 (at least 1)"), (["--epochs", "0"], "--epochs 0 (at least 1)"), (["--eta", "-1"], "--eta -1.0 (at least 0)"),
+    (["--dice-steps", "-2"], "--dice-steps -2"), (["--dice-lr", "0"], "--dice-lr 0.0"), (["--clip", "5", "1"], "--clip 5.0 1.0"),
+])  # fmt: skip
+def test_impossible_values_are_refused_in_one_line(argv, words):
+    with pytest.raises(SystemExit, match="impossible") as error:
+        drop.task_hyperparameters(tyro.cli(drop.Args, args=argv), "hopper-medium")
+    assert words in str(error.value)
+
+
+def test_a_task_outside_the_tables_is_refused(tmp_path):
+    with pytest.raises(SystemExit, match="no settings for antmaze-umaze"):
+        drop.task_hyperparameters(tyro.cli(drop.Args, args=[]), "antmaze-umaze")
+
+
+def test_the_run_reports_its_largest_critic_loss_and_alpha(runs):
+    """The checkpoint keeps them (sweep.py's table reads them there), equal to the largest logged epoch means."""
+    for penalty in ("drop", "mopo", "none"):
+        health = torch.load(runs / "runs" / penalty / "checkpoint.pt", weights_only=True)["critic_health"]
+        scalars = logged_scalars(str(runs / "runs" / penalty))
+        assert health["max_critic_loss"] == pytest.approx(max(scalars["sac/critic_loss"]))
+        assert health["max_alpha"] == pytest.approx(max(scalars["sac/alpha"]))
+        assert max(scalars["sac/q_bound"]) > 0

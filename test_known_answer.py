@@ -34,13 +34,19 @@ MAX_MEAN_ERROR = 0.1  # |E_D[tau] - 1| in case 1 (the issue's bound)
 MIN_SPLIT_GAP = 1.0  # medium half minus random half in case 2 (the issue's bound)
 
 
+def medium_random_files(folder, transitions: int):
+    """Hopper-v4 steps of the medium policy, of uniform random actions, and both in equal parts (medium first)."""
+    medium, random, mixed = folder / "medium.hdf5", folder / "random.hdf5", folder / "mixed.hdf5"
+    datasets.collect("Hopper-v4", POLICY, transitions, seed=1, out=medium)
+    datasets.collect("Hopper-v4", "random", transitions, seed=0, out=random)
+    datasets.concat((medium, random), mixed)
+    return medium, random, mixed
+
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("known_answer")
-    medium, random, mixed = folder / "medium.hdf5", folder / "random.hdf5", folder / "mixed.hdf5"
-    datasets.collect("Hopper-v4", POLICY, TRANSITIONS, seed=1, out=medium)
-    datasets.collect("Hopper-v4", "random", TRANSITIONS, seed=0, out=random)
-    datasets.concat((medium, random), mixed)
+    medium, _, mixed = medium_random_files(folder, TRANSITIONS)
     for data in (medium, mixed):
         dynamics.main(tyro.cli(dynamics.Args, args=["--env", "hopper-medium-v2", "--dataset", str(data), "--out", str(data.with_suffix(".pt")), *SMALL_ENSEMBLE]))
     return folder

@@ -19,6 +19,7 @@ from test_drop import hopper_file  # noqa: F401 (fixture)
 from dice import GradientDICE
 from dynamics import DynamicsConfig, ProbabilisticEnsemble
 from sac import ReplayBuffer
+from tasks import TaskDefaults
 
 torch.set_num_threads(1)
 OBS_DIM, ACT_DIM = 3, 2
@@ -61,12 +62,12 @@ NEVER_TERMINATED = lambda next_obs: torch.zeros(len(next_obs), dtype=torch.bool)
 
 def run_rollout(penalty: str, dynamics, dice=None, horizon=1, eta=2.5, transform="log", clip=(0.01, 10.0), terminated_fn=NEVER_TERMINATED, num_starts=600, dice_config=None):
     torch.manual_seed(0)
-    hp = drop.TaskDefaults(horizon=horizon, eta=eta, dice_steps=1, dice_lr=1e-4, dice_lambda=0.1, clip=clip, transform=transform, epochs=1)
+    hp = TaskDefaults(horizon=horizon, eta=eta, dice_steps=1, dice_lr=1e-4, dice_lambda=0.1, clip=clip, transform=transform, epochs=1)
     buffer = ReplayBuffer(num_starts * horizon, OBS_DIM, ACT_DIM, torch.device("cpu"))
     start_obs = torch.randn(num_starts, OBS_DIM)
     args = drop.Args(penalty=penalty, dice=dice_config or drop.DiceConfig())
     summary = drop.rollout(dynamics, ZERO_POLICY, dice, start_obs, hp, args, terminated_fn, buffer)
-    rows = {name: getattr(buffer, name)[: buffer.size] for name in ("obs", "act", "rew", "next_obs", "done")}
+    rows = {name: getattr(buffer, name)[: buffer.size] for name in ("obs", "act", "rew", "next_obs", "done", "member")}
     return rows, summary, start_obs
 
 
@@ -117,6 +118,14 @@ def test_untrusted_tau_gets_the_chosen_penalty_and_the_health_is_counted_per_sam
     assert summary["tau_above_clip"] == pytest.approx(share(elite == 2))
     assert summary["bonus_fraction"] == pytest.approx(share(penalty < 0))
     assert summary["penalty_mean"] == pytest.approx(penalty.mean().item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("penalty", ["drop", "mopo", "none"])
+def test_the_model_buffer_records_the_elite_that_produced_each_sample(penalty):
+    """The classifier ratio trains head g on elite g's samples. Catches: no member stored, or the member id instead of the elite's position."""
+    rows, _, _ = run_rollout(penalty, StepEnsemble(stds=[0.0] * 4), fixed_tau_dice(TAU) if penalty == "drop" else None, horizon=2)
+    elite = torch.tensor([ELITES.index(m) for m in member_of(rows).tolist()])
+    assert torch.equal(rows["member"].long(), elite)
 
 
 def test_samples_step_only_with_elites():
@@ -262,3 +271,32 @@ def test_epoch_order_dice_then_rollout_then_updates_under_the_current_policy(hop
     update = ("update", 4)  # int(16 * 0.25) real rows
     epoch = [("dice", 4, True), ("rollout",), update, update, update, ("rollout",), update, update, update]
     assert events == [("dice", 7, True), *epoch, *epoch]
+
+
+def test_return_bound_is_the_largest_reward_sac_trains_on_over_one_minus_gamma():
+    real, model = ReplayBuffer(4, 1, 1, torch.device("cpu")), ReplayBuffer(8, 1, 1, torch.device("cpu"))
+    zeros = lambda n: torch.zeros(n, 1)
+    real.add(zeros(3), zeros(3), torch.tensor([1.0, -2.0, 0.5]), zeros(3), torch.zeros(3))
+    model.add(zeros(2), zeros(2), torch.tensor([-7.0, 3.0]), zeros(2), torch.zeros(2))
+    assert drop.return_bound(real, model, gamma=0.9) == pytest.approx(70.0)  # the penalised model reward -7 is the largest |r|
+    model.add(zeros(1), zeros(1), torch.tensor([0.0]), zeros(1), torch.zeros(1))
+    real.rew[3] = 100.0  # beyond the buffer's size: not data
+    assert drop.return_bound(real, model, gamma=0.99) == pytest.approx(700.0)
+
+
+def test_critic_health_warns_once_after_three_epochs_beyond_the_bound():
+    """|mean Q| above 3 x max|r| / (1 - gamma) for three epochs in a row is diverging; a dip below resets the count."""
+    health = drop.CriticHealth()
+    sac = lambda q, loss=1.0, alpha=0.1: {"q_mean": q, "critic_loss": loss, "alpha": alpha}
+    bound = 100.0
+    assert health.update(0, sac(299.0), bound) is None and health.over_bound_since is None
+    assert health.update(1, sac(-301.0), bound) is None and health.over_bound_since == 1  # |Q|: a very negative critic diverges too
+    assert health.update(2, sac(400.0), bound) is None
+    assert health.update(3, sac(100.0), bound) is None and health.over_bound_since is None  # back within: the count starts again
+    assert health.update(4, sac(500.0), bound) is None
+    assert health.update(5, sac(900.0, loss=50.0), bound) is None
+    warning = health.update(6, sac(5000.0, alpha=7.0), bound)
+    assert warning.startswith("warning: the critic is diverging") and "since epoch 5" in warning and "300" in warning
+    assert health.update(7, sac(1e5), bound) is None  # said once
+    assert (health.max_critic_loss, health.max_alpha, health.diverging_since) == (50.0, 7.0, 4)
+    assert health.summary() == "largest critic loss 50, largest alpha 7; critic diverging since epoch 5"

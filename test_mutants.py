@@ -37,13 +37,14 @@ MUTANTS = [
     ("drop.py", "real data left out of SAC's batches", "num_real = int(batch_size * real_ratio)", "num_real = 0"),
     ("drop.py", "real count rounded", "num_real = int(batch_size * real_ratio)", "num_real = round(batch_size * real_ratio)"),
     ("drop.py", "terminated samples rolled on", "obs = next_obs[~done]", "obs = next_obs"),
-    ("drop.py", "done not stored", "reward - hp.eta * reward_penalty, next_obs, done)", "reward - hp.eta * reward_penalty, next_obs, torch.zeros_like(done))"),
+    ("drop.py", "done not stored", "reward - hp.eta * reward_penalty, next_obs, done, groups.member)", "reward - hp.eta * reward_penalty, next_obs, torch.zeros_like(done), groups.member)"),
+    ("drop.py", "producing elite not stored", "next_obs, done, groups.member)", "next_obs, done)"),
     ("drop.py", "horizon one step short", "for _ in range(hp.horizon):", "for _ in range(hp.horizon - 1):"),
     ("drop.py", "timeouts stored as done", "data.next_observations, data.terminals)", "data.next_observations, data.terminals | data.timeouts)"),
     ("drop.py", "DICE trained after the rollout", DICE_BLOCK_START, dice_after_the_updates),
     ("drop.py", "DICE on a stale copy of the policy", "sample_action = lambda obs: agent.actor(obs)[0]",
      "sample_action = (lambda actor: lambda obs: actor(obs)[0])(__import__('copy').deepcopy(agent.actor))"),
-    ("drop.py", "DICE pretraining dropped", "args.dice.pretrain_steps, dice_config", "0, dice_config"),
+    ("drop.py", "DICE pretraining dropped", "train_ratio(args.dice.pretrain_steps)", "train_ratio(0)"),
     ("drop.py", "NaN model states not reported", "torch.maximum(state_abs_max, next_obs.abs().amax())", "torch.maximum(state_abs_max, next_obs.abs().nan_to_num().amax())"),
     ("sac.py", "done ignored in the target", "(1.0 - batch.done) * next_q", "next_q"),
     ("sac.py", "max of the target critics", "self.critic_target(batch.next_obs, next_act).min(0).values", "self.critic_target(batch.next_obs, next_act).max(0).values"),
@@ -52,6 +53,16 @@ MUTANTS = [
     ("sac.py", "actor loss sign", "(alpha * log_prob - self.critic(batch.obs, act)", "(alpha * log_prob + self.critic(batch.obs, act)"),
     ("sac.py", "polyak the wrong way", "torch._foreach_lerp_(target_params, params, self.config.polyak)", "torch._foreach_lerp_(target_params, params, 1 - self.config.polyak)"),
     ("sac.py", "temperature loss sign", "alpha_loss = -(self.log_alpha", "alpha_loss = (self.log_alpha"),
+    ("sac.py", "log-std floor ignored", "self.log_std(h).clamp(self.log_std_min, LOG_STD_MAX)", "self.log_std(h).clamp(-20.0, LOG_STD_MAX)"),
+    ("sac.py", "alpha cap ignored", "self.log_alpha.clamp_(max=math.log(self.config.alpha_max))", "self.log_alpha.clamp_(max=math.inf)"),
+    ("sac.py", "q_mean of the target, not the critic", '"q_mean": q.detach().mean()', '"q_mean": target_q.mean()'),
+    ("drop.py", "Q bound without the discount", "abs().max().item() / (1 - gamma)", "abs().max().item()"),
+    ("drop.py", "Q bound from the real rewards alone", "torch.cat([real.rew[: real.size], model.rew[: model.size]])", "real.rew[: real.size]"),
+    ("drop.py", "critic health never reset", "            self.over_bound_since = None\n            return None", "            return None"),
+    ("classifier.py", "classifier: labels swapped", "F.softplus(-positive).mean(1) + F.softplus(negative).mean(1)", "F.softplus(positive).mean(1) + F.softplus(-negative).mean(1)"),
+    ("classifier.py", "classifier: every head on every elite's samples", "torch.nonzero(model_member == g)", "torch.nonzero(model_member >= 0)"),
+    ("classifier.py", "classifier: the logit taken as the ratio", "return self.logit(obs, act, heads).exp()", "return self.logit(obs, act, heads)"),
+    ("classifier.py", "classifier: heads start away from ratio 1", "nn.init.zeros_(self.net.output.bias)", "nn.init.constant_(self.net.output.bias, 1.0)"),
     ("dice.py", "DICE: (1 - gamma) dropped from the start term", "(1 - gamma) * f_init.mean(1)", "f_init.mean(1)"),
     ("dice.py", "DICE: gamma dropped from the flow term", "+ gamma * (tau * f_next).mean(1)", "+ (tau * f_next).mean(1)"),
     ("dice.py", "DICE: f^2 not halved", "- (tau * f + 0.5 * f**2).mean(1)", "- (tau * f + f**2).mean(1)"),
@@ -76,6 +87,8 @@ MUTANTS = [
     ("dynamics.py", "dynamics: elites the worst members", "model.elites.copy_(holdout_mse().argsort()[: config.num_elites])", "model.elites.copy_(holdout_mse().argsort(descending=True)[: config.num_elites])"),
     ("dynamics.py", "dynamics: elite next state without s", "[..., :-1] + obs[i : i + chunk]", "[..., :-1]"),
     ("dynamics.py", "dynamics: lower logvar bound flipped", "logvar = min_logvar + F.softplus(logvar - min_logvar)", "logvar = min_logvar - F.softplus(min_logvar - logvar)"),
+    ("dynamics.py", "dynamics: log-variance bounds per member by default", 'logvar_bounds: Literal["shared", "per-member"] = "shared"', 'logvar_bounds: Literal["shared", "per-member"] = "per-member"'),
+    ("dynamics.py", "dynamics: shared bounds restored to the first epoch's", "best_state[name] = param.detach().clone()", "pass"),
     ("dynamics.py", "dynamics: holdout also trained on", "holdout, train = perm[:num_holdout], perm[num_holdout:]", "holdout, train = perm[:num_holdout], perm"),
 ]
 
@@ -86,6 +99,7 @@ TESTS = {
     "sac.py": ["test_loop.py", "test_sac.py"],
     "dice.py": ["test_dice.py", "test_known_answer.py"],
     "dynamics.py": ["test_dynamics.py"],
+    "classifier.py": ["test_classifier.py"],
 }
 
 
@@ -101,7 +115,7 @@ def run_tests_on_a_copy(tmp_path, file: str, change) -> subprocess.CompletedProc
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("file", ["drop.py", "dice.py", "dynamics.py"])
+@pytest.mark.parametrize("file", ["drop.py", "dice.py", "dynamics.py", "classifier.py"])
 def test_the_unchanged_copy_passes(file, tmp_path):
     """The control: a copy without a change passes, so a failing mutant failed for its change."""
     result = run_tests_on_a_copy(tmp_path, file, lambda source: source)

@@ -109,6 +109,50 @@ def test_temperature_rises_when_entropy_is_below_target(target_entropy, directio
     assert direction * (agent.log_alpha.item() - before) > 0
 
 
+@pytest.mark.parametrize("floor", [-5.0, -2.0])
+def test_log_std_is_clamped_at_the_configured_floor(floor):
+    """A log-std head far below the floor samples with std exp(floor), and log pi is that distribution's."""
+    torch.manual_seed(0)
+    actor = Actor(5, 3, hidden=16, log_std_min=floor)
+    with torch.no_grad():
+        actor.log_std.weight.zero_()
+        actor.log_std.bias.fill_(-40.0)
+    obs = torch.randn(64, 5)
+    torch.manual_seed(1)
+    action, log_prob = actor(obs)
+    mean = actor.mean(actor.trunk(obs))
+    torch.manual_seed(1)
+    u = mean + np.exp(floor) * torch.randn_like(mean)
+    torch.testing.assert_close(action, torch.tanh(u))
+    reference = TransformedDistribution(Normal(mean, torch.full_like(mean, np.exp(floor))), TanhTransform()).log_prob(torch.tanh(u).clamp(-1 + 1e-6, 1 - 1e-6)).sum(-1)
+    assert torch.allclose(log_prob, reference, atol=1e-2, rtol=1e-4)
+
+
+def test_sac_builds_its_actor_with_the_configured_floor():
+    assert small_agent(log_std_min=-5.0).actor.log_std_min == -5.0
+
+
+def test_alpha_is_capped_at_alpha_max_and_does_not_wind_up():
+    """With entropy far below target, alpha rises to alpha_max and stays there; log alpha itself stops at the cap."""
+    agent = small_agent(alpha_max=0.7, alpha_lr=0.1)
+    agent.target_entropy = 100.0
+    for _ in range(20):
+        agent.update(batch_of(32, [0.0] * 32))
+    assert agent.log_alpha.item() == pytest.approx(np.log(0.7))
+    uncapped = small_agent(alpha_lr=0.1)
+    uncapped.target_entropy = 100.0
+    for _ in range(20):
+        uncapped.update(batch_of(32, [0.0] * 32))
+    assert uncapped.log_alpha.exp().item() > 1.0
+
+
+def test_q_mean_is_the_critics_mean_on_the_batch_before_the_step():
+    agent, batch = small_agent(), batch_of(32, [0.0] * 32)
+    with torch.no_grad():
+        expected = agent.critic(batch.obs, batch.act).mean()
+    assert torch.allclose(agent.update(batch)["q_mean"], expected)
+
+
 @pytest.mark.slow
 def test_online_sac_learns_pendulum(tmp_path):
     argv = ["--env", "Pendulum-v1", "--total-steps", str(PENDULUM_STEPS), "--learning-starts", "1000", "--eval-every", str(PENDULUM_STEPS), "--eval-episodes", "5", "--seed", "1", "--run-name", "pendulum"]

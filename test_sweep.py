@@ -221,11 +221,33 @@ def test_grid_defaults_to_table_etas_and_runs_none_once():
     assert [(r.penalty, r.eta, r.epochs, r.column) for r in runs] == [("drop", 1.0, 3, "drop eta=1"), ("drop", 2.0, 3, "drop eta=2"), ("none", 0.0, 3, "none")]
 
 
+def test_variants_are_columns_of_drop_runs_with_their_own_flags():
+    args = tyro.cli(sweep.Args, args=["--envs", "builtin-halfcheetah-medium", "--penalties", "drop", "mopo", "--seeds", "0",
+                                      "--variants", "checked=--dice.preset checked", "classifier=--ratio classifier"])  # fmt: skip
+    runs = sweep.plan(args, sweep.drop.Args(epochs=4))
+    assert [(r.name, r.column, r.eta, r.flags) for r in runs] == [
+        ("builtin-halfcheetah-medium__drop__eta1__seed0", "drop", 1.0, ()),
+        ("builtin-halfcheetah-medium__drop-checked__eta1__seed0", "drop (checked)", 1.0, ("--dice.preset", "checked")),
+        ("builtin-halfcheetah-medium__drop-classifier__eta1__seed0", "drop (classifier)", 1.0, ("--ratio", "classifier")),
+        ("builtin-halfcheetah-medium__mopo__eta1__seed0", "mopo", 1.0, ()),  # MOPO's own lambda for halfcheetah-medium
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", ["checked", "=--ratio classifier", "a b=--ratio classifier", "x=--seed 3", "x=--no-such-flag"])
+def test_a_bad_variant_is_refused_in_one_line(variant):
+    with pytest.raises(SystemExit, match="^error: ") as error:
+        sweep.plan(tyro.cli(sweep.Args, args=["--penalties", "drop", "--seeds", "0", "--variants", variant]), sweep.drop.Args())
+    assert "\n" not in str(error.value)
+
+
 def test_table_puts_the_paper_beside_ours_and_leaves_gaps_visible():
     runs = sweep.plan(tyro.cli(sweep.Args, args=["--envs", "hopper-medium-v2", "builtin-halfcheetah-medium", "--penalties", "drop", "none", "--seeds", "0", "1"]), sweep.drop.Args())
     scores = iter([10.0, 20.0, 5.0, 5.0, 30.0, 50.0, 7.0])  # the last run (halfcheetah, none, seed 1) failed
-    rows = {run: {"normalized_score": score} for run, score in zip(runs, scores)}
+    health = lambda i: {"epochs": 3, "max_critic_loss": 40.0 + i, "max_alpha": 0.5, "diverging_since": 2 if i == 1 else 0}
+    rows = {run: {"normalized_score": score, **health(i)} for i, (run, score) in enumerate(zip(runs, scores))}
     table = sweep.format_table("Sweep `t`", runs, rows, ["halfcheetah none seed 1: it broke"], reps=100)
+    assert f"| {runs[0].name} | 3 | 10.0 | 40 | 0.5 | never |" in table  # every run's critic, a diverged one marked
+    assert f"| {runs[1].name} | 3 | 20.0 | 41 | 0.5 | epoch 2 |" in table
     assert "| hopper-medium-v2 | 15.0 ± 7.1 (2) | 5.0 ± 0.0 (2) | 52.1 | 26.3 | 4.9 |" in table
     assert "| builtin-halfcheetah-medium | 40.0 ± 14.1 (2) | 7.0 (1) | 50.2† | 42.3† | 28.3† |" in table
     assert "| drop | 25.0 |" in table  # IQM of 10, 20, 30, 50

@@ -1,0 +1,155 @@
+"""The classifier ratio (classifier.py, `drop.py --ratio classifier`) against known answers.
+
+1. Two Gaussians: the logit is the analytic log density ratio on held-out points.
+2. The behaviour policy in a perfect model: positives are the data's own states with actions drawn
+   anew from the policy that collected them (what rollouts in the true dynamics would hold), so the
+   log ratio is 0 on the data; actions from another policy are told apart (the control).
+3. The known split: the medium policy against a file of equal parts medium and random data gives
+   log 2 on the medium half and far less on the random half.
+Then drop.py: the flag trains, logs the ratio's health, and refuses what has no meaning.
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import tyro
+
+import datasets
+import drop
+from classifier import RatioClassifier, classifier_loss, train_classifier
+from sac import Actor
+from test_drop import TINY, hopper_file  # noqa: F401 (fixture)
+from test_known_answer import POLICY, medium_random_files
+
+torch.set_num_threads(1)
+TRANSITIONS = 10_000  # per behaviour policy
+STEPS, BATCH = 2000, 256
+
+
+def fit(model_obs, model_act, data_obs, data_act, steps: int = STEPS, seed: int = 0) -> RatioClassifier:
+    """One head trained as drop.py trains it, standardised by the data's statistics."""
+    torch.manual_seed(seed)
+    inputs = torch.cat([data_obs, data_act], 1)
+    classifier = RatioClassifier(data_obs.shape[1], data_act.shape[1], 1, 64, inputs.mean(0), inputs.std(0))
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=1e-3)
+    member = torch.zeros(len(model_obs), dtype=torch.int8)
+    train_classifier(classifier, optimizer, model_obs, model_act, member, data_obs, data_act, steps, BATCH)
+    return classifier
+
+
+def test_logit_is_the_log_density_ratio_of_two_gaussians():
+    """Model samples N(m1, I), data N(m0, I) in 4 dimensions: log ratio = (m1 - m0).x - (|m1|^2 - |m0|^2) / 2.
+    Measured mean absolute error 0.078 on held-out points from both (the log ratio spans about -6 to 6)."""
+    generator = torch.Generator().manual_seed(0)
+    m0, m1 = torch.tensor([0.0, 0.0, 0.0, 0.0]), torch.tensor([1.0, -0.5, 0.5, 0.0])
+    sample = lambda mean, n: mean + torch.randn(n, 4, generator=generator)
+    model, data = sample(m1, 20_000), sample(m0, 20_000)
+    classifier = fit(model[:, :3], model[:, 3:], data[:, :3], data[:, 3:])
+    held_out = torch.cat([sample(m0, 2000), sample(m1, 2000)])
+    truth = held_out @ (m1 - m0) - 0.5 * (m1.dot(m1) - m0.dot(m0))
+    with torch.no_grad():
+        error = (classifier.logit(held_out[:, :3], held_out[:, 3:])[0] - truth).abs().mean().item()
+    print(f"\ntwo Gaussians: mean |logit - log ratio| {error:.3f}")
+    assert error < 0.15
+
+
+@pytest.fixture(scope="module")
+def hopper_files(tmp_path_factory):
+    medium, _, mixed = medium_random_files(tmp_path_factory.mktemp("classifier"), TRANSITIONS)
+    load = lambda path: datasets.load_dataset("hopper-medium-v2", str(path))
+    return load(medium), load(mixed)
+
+
+def as_tensor(x: np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(x, dtype=torch.float32)
+
+
+def policy_actions(obs: torch.Tensor) -> torch.Tensor:
+    torch.manual_seed(2)
+    actor = Actor.from_npz_arrays(dict(np.load(POLICY)))
+    with torch.no_grad():
+        return actor(obs)[0]
+
+
+def test_behaviour_policy_in_a_perfect_model_has_log_ratio_zero_on_the_data(hopper_files):
+    """Measured: mean |logit| 0.078 on the data; uniform actions instead (the control) 2.37."""
+    medium, _ = hopper_files
+    obs, act = as_tensor(medium.observations), as_tensor(medium.actions)
+    behaviour = fit(obs, policy_actions(obs), obs, act)
+    uniform = fit(obs, torch.rand_like(act) * 2 - 1, obs, act)
+    with torch.no_grad():
+        on_data, control = behaviour.logit(obs, act)[0].abs().mean().item(), uniform.logit(obs, act)[0].abs().mean().item()
+    print(f"\nbehaviour policy: mean |logit| on the data {on_data:.3f}; uniform actions (control) {control:.3f}")
+    assert on_data < 0.2
+    assert control > 1.0
+
+
+def test_the_medium_policy_against_a_medium_random_mixture_gives_the_known_split(hopper_files):
+    """rho_medium / rho_mixture is 2 where only medium data lives and 0 where only random data does.
+    Measured: mean logit 0.69 on the medium half (log 2 = 0.69), -15.1 on the random half."""
+    medium, mixed = hopper_files
+    obs, act = as_tensor(mixed.observations), as_tensor(mixed.actions)
+    medium_obs = as_tensor(medium.observations)
+    classifier = fit(medium_obs, policy_actions(medium_obs), obs, act)
+    with torch.no_grad():
+        logit = classifier.logit(obs, act)[0]
+    medium_half, random_half = logit[:TRANSITIONS].mean().item(), logit[TRANSITIONS:].mean().item()
+    print(f"\nsplit: mean logit {medium_half:.2f} on the medium half, {random_half:.2f} on the random half")
+    assert abs(medium_half - math.log(2)) < 0.25
+    assert random_half < medium_half - 2.0
+
+
+def test_each_head_learns_from_its_own_elites_samples():
+    """Head 0's positives sit at +2, head 1's at -2, the data at 0: the heads must disagree accordingly."""
+    torch.manual_seed(0)
+    data = torch.randn(4000, 2)
+    model = torch.cat([torch.randn(2000, 2) + 2.0, torch.randn(2000, 2) - 2.0])
+    member = torch.cat([torch.zeros(2000), torch.ones(2000)]).to(torch.int8)
+    classifier = RatioClassifier(1, 1, 2, 32, torch.zeros(2), torch.ones(2))
+    train_classifier(classifier, torch.optim.Adam(classifier.parameters(), lr=1e-3), model[:, :1], model[:, 1:], member, data[:, :1], data[:, 1:], 500, 128)
+    with torch.no_grad():
+        logit = classifier.logit(torch.tensor([[2.0], [-2.0]]), torch.tensor([[2.0], [-2.0]]))
+    assert logit[0, 0] > 1.0 > logit[0, 1] and logit[1, 1] > 1.0 > logit[1, 0]
+
+
+def test_loss_is_the_logistic_loss_with_model_samples_as_label_one():
+    classifier = RatioClassifier(2, 1, 1, 8, torch.zeros(3), torch.ones(3))
+    with torch.no_grad():
+        classifier.net.output.bias.fill_(0.5)  # every logit 0.5
+    x = torch.randn(1, 10, 3)
+    loss = classifier_loss(classifier, x[..., :2], x[..., 2:], x[..., :2], x[..., 2:])
+    torch.testing.assert_close(loss, torch.tensor([math.log1p(math.exp(-0.5)) + math.log1p(math.exp(0.5))]))
+    assert classifier.ratio(x[0, :, :2], x[0, :, 2:]).allclose(torch.tensor(math.exp(0.5)))
+
+
+def test_drop_trains_with_the_classifier_and_logs_the_ratios_health(hopper_file, tmp_path, monkeypatch):
+    from test_drop import logged_scalars
+
+    monkeypatch.chdir(tmp_path)
+    drop.main(tyro.cli(drop.Args, args=["--env", "hopper-medium-v2", "--dataset", hopper_file, *TINY, "--ratio", "classifier", "--run-name", "classifier"]))
+    scalars = logged_scalars(str(tmp_path / "runs" / "classifier"))
+    assert scalars["dice/objective"][0] == pytest.approx(math.log(2))  # epoch 1: no rollout yet, ratio 1 everywhere
+    assert scalars["dice/tau_data_mean"][0] == 1.0 and scalars["rollout/penalty_mean"][0] == 0.0
+    assert scalars["dice/objective"][1] != pytest.approx(math.log(2))  # epoch 2 learned from epoch 1's rollouts
+    for tag in ("dice/tau_data_mean", "rollout/tau_mean", "rollout/tau_below_clip", "rollout/bonus_fraction"):
+        assert len(scalars[tag]) == 2 and all(map(math.isfinite, scalars[tag])), tag
+    # diagnostics.py rebuilds the run's classifier heads (its Fig. 2 then reads the classifier's penalty).
+    import diagnostics
+
+    run = diagnostics.load_run(str(tmp_path / "runs" / "classifier"))
+    saved = torch.load(tmp_path / "runs" / "classifier" / "checkpoint.pt", weights_only=True)["dice"]
+    assert isinstance(run.dice, RatioClassifier) and torch.equal(run.dice.net.output.weight, saved["net.output.weight"])
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--penalty", "mopo", "--ratio", "classifier"], "--penalty mopo has no ratio"),
+    (["--penalty", "none", "--ratio", "classifier"], "--penalty none has no ratio"),
+    (["--ratio", "classifier", "--dice-steps", "0"], "at least 1"),
+    (["--ratio", "classifier", "--classifier.batch-size", "0"], "at least 1"),
+])  # fmt: skip
+def test_meaningless_classifier_flags_are_refused_in_one_line(argv, words):
+    with pytest.raises(SystemExit, match="^error: ") as error:
+        drop.task_hyperparameters(tyro.cli(drop.Args, args=argv), "hopper-medium")
+    assert words in str(error.value) and "\n" not in str(error.value)
