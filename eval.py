@@ -36,7 +36,8 @@ def load_policy(path: str, env_id: str | None):
         raise SystemExit(f"error: {e}")
     if not env_id.lower().startswith(family) or env.observation_space.shape != (obs_dim,) or env.action_space.shape != (act_dim,):
         raise SystemExit(f"error: {path} holds a {family} policy (obs {obs_dim}, act {act_dim}); it cannot run on {env_id} (obs {env.observation_space.shape[0]}, act {env.action_space.shape[0]})")
-    actor = Actor(obs_dim, act_dim, actor_state["mean.weight"].shape[1])
+    log_std_min = checkpoint.get("args", {}).get("sac", {}).get("log_std_min", -20.0)  # the floor it was trained with (sampling only)
+    actor = Actor(obs_dim, act_dim, actor_state["mean.weight"].shape[1], log_std_min)
     actor.load_state_dict(actor_state)
     return actor, checkpoint, env
 

@@ -223,3 +223,13 @@ def test_the_run_reports_its_largest_critic_loss_and_alpha(runs):
         assert health["max_critic_loss"] == pytest.approx(max(scalars["sac/critic_loss"]))
         assert health["max_alpha"] == pytest.approx(max(scalars["sac/alpha"]))
         assert max(scalars["sac/q_bound"]) > 0
+
+
+def test_eval_rebuilds_the_actor_with_the_log_std_floor_it_was_trained_with(runs, tmp_path):
+    from eval import load_policy
+
+    checkpoint = torch.load(runs / "runs" / "mopo" / "checkpoint.pt", weights_only=True)
+    assert load_policy(str(runs / "runs" / "mopo" / "checkpoint.pt"), None)[0].log_std_min == -20.0
+    checkpoint["args"]["sac"]["log_std_min"] = -5.0
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    assert load_policy(str(tmp_path / "checkpoint.pt"), None)[0].log_std_min == -5.0
