@@ -536,21 +536,21 @@ def main(args: Args):
     dice, dice_opt, dice_config = None, None, resolve(args.dice)
     if args.penalty == "drop":
         dice = build_ratio(args, data.obs_dim, data.act_dim, dynamics).to(device)
-    if args.penalty == "drop" and args.ratio == "dice":
-        dice_opt = dice_optimizer(dice, hp.dice_lr, dice_config)
-        dice_next_obs = dynamics.elite_mean_next_obs(real_obs, real_act)
-        train_ratio = lambda steps: train_dice(dice, dice_opt, real_obs, real_act, dice_next_obs, real_obs, sample_action, steps, dice_config, hp.dice_lambda)
-        if checkpoint is None:
-            train_ratio(args.dice.pretrain_steps)
-    elif args.penalty == "drop":
-        dice_opt = adam(dice.parameters(), args.classifier.lr, device)
+        if args.ratio == "dice":
+            dice_opt = dice_optimizer(dice, hp.dice_lr, dice_config)
+            dice_next_obs = dynamics.elite_mean_next_obs(real_obs, real_act)
+            train_ratio = lambda steps: train_dice(dice, dice_opt, real_obs, real_act, dice_next_obs, real_obs, sample_action, steps, dice_config, hp.dice_lambda)
+            if checkpoint is None:
+                train_ratio(args.dice.pretrain_steps)
+        else:
+            dice_opt = adam(dice.parameters(), args.classifier.lr, device)
 
-        def train_ratio(steps: int) -> torch.Tensor:
-            """The classifier's positives are what SAC trains on: the model buffer. Before the first rollout it has none, and the ratio stays 1."""
-            if model_buffer.size == 0:
-                return torch.full((dice.num_heads,), math.log(2.0), device=device)  # the logistic loss at logit 0
-            size = model_buffer.size
-            return train_classifier(dice, dice_opt, model_buffer.obs[:size], model_buffer.act[:size], model_buffer.member[:size], real_obs, real_act, steps, args.classifier.batch_size)
+            def train_ratio(steps: int) -> torch.Tensor:
+                """The classifier's positives are what SAC trains on: the model buffer. Before the first rollout it has none, and the ratio stays 1."""
+                size = model_buffer.size
+                if size == 0:
+                    return torch.full((dice.num_heads,), math.log(2.0), device=device)  # the logistic loss at logit 0
+                return train_classifier(dice, dice_opt, model_buffer.obs[:size], model_buffer.act[:size], model_buffer.member[:size], real_obs, real_act, steps, args.classifier.batch_size)
     # Fixed dataset (s, a) for tau's health check; its own generator, so resuming draws the same ones.
     health_idx = torch.randperm(real.size, generator=torch.Generator().manual_seed(args.seed))[:10_000].to(device)
 
