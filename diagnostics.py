@@ -38,7 +38,7 @@ import tyro
 import drop
 from datasets import DatasetError, OfflineDataset, load_dataset, simulator_states
 from dice import resolve
-from dynamics import TERMINATION_FNS, MemberGroups, load_ensemble
+from dynamics import MemberGroups, load_ensemble
 from eval import load_policy
 from sac import ReplayBuffer
 from tasks import TaskDefaults
@@ -197,7 +197,7 @@ def rollout_samples(run: Run, count: int) -> tuple[np.ndarray, np.ndarray]:
     obs = torch.as_tensor(run.data.observations)
     buffer = ReplayBuffer(count * run.hp.horizon, run.data.obs_dim, run.data.act_dim, torch.device("cpu"))
     start_obs = obs[torch.randint(len(obs), (count,))]
-    drop.rollout(run.dynamics, SimpleNamespace(actor=run.actor), run.dice, start_obs, run.hp, run.args, TERMINATION_FNS[run.data.family], buffer)
+    drop.rollout(run.dynamics, SimpleNamespace(actor=run.actor), run.dice, start_obs, run.hp, run.args, drop.rollout_termination(run.data.family, obs, run.args.halt_margin), buffer)
     pick = torch.randperm(buffer.size)[:count]
     return buffer.obs[pick].numpy(), buffer.act[pick].numpy()
 

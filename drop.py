@@ -8,14 +8,16 @@
 2. Every epoch, train one GradientDICE head per elite member to estimate
    tau(s, a) = rho_pi^model(s, a) / d_data(s, a) under the current policy
    (`--ratio classifier`: a classifier of model-buffer against dataset samples, classifier.py).
-3. Roll the policy out in the model from dataset states; penalise each model reward with
-   r - eta * log(clip(tau, s1, s2)), using the head of the member that produced the transition.
+3. Roll the policy out in the model from dataset states, ending where a state leaves the data's
+   range (--halt-margin); penalise each model reward with r - eta * log(clip(tau, s1, s2)), using
+   the head of the member that produced the transition.
 4. Train SAC on batches of 5% real and 95% model transitions.
 
 `--penalty mopo` swaps step 3's penalty for MOPO's (the largest std norm over the elites) and
 `--penalty none` removes it (MBPO); both skip step 2 and take MOPO's per-dataset h (tasks.py).
-Every epoch logs SAC's mean Q beside max|r| / (1 - gamma), and says in one line when the critic
-diverges; the last line of a run states its largest critic loss and alpha.
+Every epoch logs SAC's mean Q beside the return bound (max|r| + eta x max penalty) / (1 - gamma)
+and says in one line when the critic diverges or the rollouts go far off the data; the last line
+of a run states its largest critic loss and alpha.
 """
 
 import csv
@@ -77,6 +79,8 @@ class Args:
     """SAC updates between model rollouts"""
     rollout_batch_size: int = 50_000
     """dataset start states per model rollout"""
+    halt_margin: float | None = 0.1
+    """end a model rollout, as a termination, where its state leaves the data's range of each dimension widened by this fraction of it (None: never, as the authors and MBPO)"""
     model_retain_epochs: int = 5
     """epochs a model transition stays in the model buffer"""
     real_ratio: float = 0.05
@@ -117,6 +121,7 @@ def args_from_dict(values: dict) -> Args:
     values = {name: nested[name](**value) if name in nested else value for name, value in values.items()}
     values["dynamics"].weight_decays = tuple(values["dynamics"].weight_decays)
     values["clip"] = tuple(values["clip"]) if values.get("clip") is not None else None
+    values.setdefault("halt_margin", None)  # runs saved before the flag existed never halted
     known = {f.name for f in fields(Args)}
     return Args(**{name: value for name, value in values.items() if name in known})
 
@@ -140,6 +145,8 @@ def task_hyperparameters(args: Args, task: str) -> TaskDefaults:
              ("--eta", hp.eta, hp.eta >= 0, "at least 0"), ("--dice-steps", hp.dice_steps, hp.dice_steps >= 0, "at least 0"),
              ("--dice-lr", hp.dice_lr, hp.dice_lr > 0, "above 0")]
     impossible = [f"{flag} {value} ({rule})" for flag, value, holds, rule in rules if not holds]
+    if args.halt_margin is not None and args.halt_margin < 0:
+        impossible.append(f"--halt-margin {args.halt_margin} (at least 0, or None never to halt)")
     if hp.clip is not None and hp.clip[0] >= hp.clip[1]:
         impossible.append(f"--clip {hp.clip[0]} {hp.clip[1]} (the lower bound below the upper)")
     if impossible:
@@ -159,6 +166,22 @@ def real_buffer(data: OfflineDataset, device: torch.device) -> ReplayBuffer:
     # Only true terminations stop bootstrapping; time-limit truncations (timeouts) do not.
     buffer.add(*(as_tensor(x) for x in (data.observations, data.actions, data.rewards, data.next_observations, data.terminals)))
     return buffer
+
+
+def rollout_termination(family: str, real_obs: torch.Tensor, halt_margin: float | None):
+    """When a model rollout ends: where the env itself terminates, and with a margin, where it leaves the data's range.
+
+    A learned model extrapolates far off the data within a few steps (on the halfcheetah ensemble
+    trained to early stopping, 5-step rollouts reach |s| = 970 where the data's largest is 28), and
+    a critic that bootstraps from those invented states diverges under every penalty. Ending there
+    as a termination gives them no value to bootstrap from. NaN counts as outside.
+    """
+    env_terminated = TERMINATION_FNS[family]
+    if halt_margin is None:
+        return env_terminated
+    low, high = real_obs.min(0).values, real_obs.max(0).values
+    low, high = low - halt_margin * (high - low), high + halt_margin * (high - low)
+    return lambda next_obs: env_terminated(next_obs) | ~((next_obs >= low) & (next_obs <= high)).all(-1)
 
 
 def build_ratio(args: Args, obs_dim: int, act_dim: int, dynamics: ProbabilisticEnsemble) -> GradientDICE | RatioClassifier:
@@ -189,7 +212,7 @@ def rollout(dynamics, agent, dice, start_obs, hp: TaskDefaults, args: Args, term
     outside the clip and how often the "penalty" raised the reward instead of lowering it.
     """
     num_elites, dice_config = len(dynamics.elites), resolve(args.dice)
-    obs, stats = start_obs, {"reward": [], "penalty": [], "tau": []}
+    obs, stats = start_obs, {"reward": [], "penalty": [], "terminated": [], "tau": []}
     state_abs_max = torch.zeros((), device=obs.device)
     for _ in range(hp.horizon):
         act, _ = agent.actor(obs)
@@ -206,6 +229,7 @@ def rollout(dynamics, agent, dice, start_obs, hp: TaskDefaults, args: Args, term
         stats["reward"].append(reward)
         stats["penalty"].append(reward_penalty)
         done = terminated_fn(next_obs)
+        stats["terminated"].append(done.float())
         buffer.add(obs, act, reward - hp.eta * reward_penalty, next_obs, done, groups.member)
         obs = next_obs[~done]
         if len(obs) == 0:
@@ -264,13 +288,28 @@ class EpochProgress:
     """SAC's losses summed over the updates (tensors: no host sync per update)"""
 
 
-def return_bound(real: ReplayBuffer, model: ReplayBuffer, gamma: float) -> float:
-    """max|r| / (1 - gamma) over every reward SAC trains on: the largest |return| they allow."""
-    return torch.cat([real.rew[: real.size], model.rew[: model.size]]).abs().max().item() / (1 - gamma)
+def largest_penalty(args: Args, hp: TaskDefaults, dynamics: ProbabilisticEnsemble) -> float:
+    """The largest |penalty| the run's estimator can give: its transform at the clip's ends, or MOPO's std ceiling."""
+    if args.penalty == "mopo":  # every predicted log-variance stays below the learned max_logvar
+        return (0.5 * dynamics.max_logvar).exp().norm(dim=-1).max().item()
+    if args.penalty == "drop":
+        return penalty(torch.tensor([0.0, 1e9]), hp.transform, hp.clip, resolve(args.dice).below_clip).abs().max().item()
+    return 0.0
 
 
-# The critic counts as diverging when |mean Q| stays above this many times max|r| / (1 - gamma) for this many epochs.
+def return_bound(data_rewards: torch.Tensor, largest_penalty: float, eta: float, gamma: float) -> float:
+    """(max|r| of the data + |eta| x the largest penalty) / (1 - gamma): the largest |return| penalised rewards allow.
+
+    It is taken from the data, not the model buffer: a model that invents rewards far beyond the
+    data's would otherwise raise the bound that should catch it.
+    """
+    return (data_rewards.abs().max().item() + abs(eta) * largest_penalty) / (1 - gamma)
+
+
+# The critic counts as diverging when |mean Q| stays above this many times the return bound for this many epochs.
 Q_BOUND_FACTOR, DIVERGING_EPOCHS = 3.0, 3
+# Model rollouts count as far off the data when their largest |s| exceeds this many times the data's.
+FAR_STATE_FACTOR = 5.0
 
 
 @dataclass
@@ -283,6 +322,10 @@ class CriticHealth:
     """first epoch (0-based) of the current stretch with |mean Q| above Q_BOUND_FACTOR x the reward bound"""
     diverging_since: int | None = None
     """over_bound_since of the first stretch that lasted DIVERGING_EPOCHS epochs"""
+    max_state_abs: float = 0.0
+    """the largest |s| of any model rollout state"""
+    far_states_since: int | None = None
+    """the first epoch whose rollout states went beyond FAR_STATE_FACTOR x the data's largest |s|"""
 
     def update(self, epoch: int, sac: dict[str, float], q_bound: float) -> str | None:
         """Take one epoch's SAC means; returns the one-line warning when the critic has just been found diverging."""
@@ -294,14 +337,24 @@ class CriticHealth:
             self.over_bound_since = epoch
         if self.diverging_since is None and epoch + 1 - self.over_bound_since >= DIVERGING_EPOCHS:
             self.diverging_since = self.over_bound_since
-            return (f"warning: the critic is diverging: mean Q {sac['q_mean']:.3g} has been beyond {Q_BOUND_FACTOR:g} x max|r| / (1 - gamma) = "
+            return (f"warning: the critic is diverging: mean Q {sac['q_mean']:.3g} has been beyond {Q_BOUND_FACTOR:g} x (max|r| + eta x max penalty) / (1 - gamma) = "
                     f"{Q_BOUND_FACTOR * q_bound:.3g} since epoch {self.over_bound_since + 1} (critic loss {sac['critic_loss']:.3g}, alpha {sac['alpha']:.3g}); "
                     "its scores mean nothing (see sac/q_mean, sac/q_bound)")
         return None
 
+    def update_states(self, epoch: int, state_abs_max: float, data_state_abs_max: float) -> str | None:
+        """Take one epoch's largest rollout |s|; returns the one-line warning the first time it is far beyond the data's."""
+        self.max_state_abs = max(self.max_state_abs, state_abs_max)
+        if self.far_states_since is not None or state_abs_max <= FAR_STATE_FACTOR * data_state_abs_max:  # NaN is far too
+            return None
+        self.far_states_since = epoch
+        return (f"warning: model rollouts reach |s| = {state_abs_max:.3g} in epoch {epoch + 1}, beyond {FAR_STATE_FACTOR:g} x the data's largest |s| "
+                f"({data_state_abs_max:.3g}): the model invents states the critic then bootstraps from (see rollout/state_abs_max; --halt-margin ends rollouts there)")
+
     def summary(self) -> str:
         diverged = f"; critic diverging since epoch {self.diverging_since + 1}" if self.diverging_since is not None else ""
-        return f"largest critic loss {self.max_critic_loss:.3g}, largest alpha {self.max_alpha:.3g}{diverged}"
+        far = f"; rollout states beyond {FAR_STATE_FACTOR:g} x the data's since epoch {self.far_states_since + 1}" if self.far_states_since is not None else ""
+        return f"largest critic loss {self.max_critic_loss:.3g}, largest alpha {self.max_alpha:.3g}{diverged}{far}"
 
 
 def save_checkpoint(path: str, agent: SAC, dice: GradientDICE | None, dice_opt, model_buffer: ReplayBuffer, args: Args, data: OfflineDataset, hp: TaskDefaults,
@@ -520,7 +573,7 @@ def main(args: Args):
     else:
         dynamics, dynamics_path = trained_dynamics(args, data, real, data_sha256, run_dir, device)
     dynamics.requires_grad_(False)
-    terminated_fn = TERMINATION_FNS[data.family]
+    terminated_fn = rollout_termination(data.family, real_obs, args.halt_margin)
     start_epoch = checkpoint["epoch"] + 1 if checkpoint else 0
     writer = start_run(run_dir, args, args.track, "drop", purge_step=start_epoch if checkpoint else None)
     if checkpoint is None:
@@ -555,6 +608,8 @@ def main(args: Args):
     health_idx = torch.randperm(real.size, generator=torch.Generator().manual_seed(args.seed))[:10_000].to(device)
 
     progress, eval_history, wall_offset, critic_health = EpochProgress(), [], 0.0, CriticHealth()
+    q_bound = return_bound(real.rew[: real.size], largest_penalty(args, hp, dynamics), hp.eta, args.sac.gamma)
+    data_state_abs_max = real_obs.abs().max().item()
     if checkpoint:
         restore_checkpoint(checkpoint, agent, dice, dice_opt, model_buffer)
         progress = EpochProgress(**checkpoint["epoch_progress"])
@@ -612,11 +667,12 @@ def main(args: Args):
             # The epoch's means, all logged at step `epoch`, one host sync per epoch.
             sac = sac_means()
             check_finite(sac, "sac/", epoch, run_dir)
-            sac["q_bound"] = return_bound(real, model_buffer, args.sac.gamma)
-            warning = critic_health.update(epoch, sac, sac["q_bound"])
-            if warning:
-                bar.write(warning, file=sys.stderr)
+            sac["q_bound"] = q_bound
             rollout_means = {name: float(np.mean([r[name] for r in progress.rollouts])) for name in progress.rollouts[0]}
+            state_abs_max = max(r["state_abs_max"] for r in progress.rollouts)
+            for warning in (critic_health.update(epoch, sac, q_bound), critic_health.update_states(epoch, state_abs_max, data_state_abs_max)):
+                if warning:
+                    bar.write(warning, file=sys.stderr)
             for group, values in (("dice", progress.dice), ("rollout", rollout_means), ("sac", sac)):
                 for name, value in values.items():
                     writer.add_scalar(f"{group}/{name}", value, epoch)

@@ -203,6 +203,7 @@ def test_mopo_table_is_mopos_configs():
 @pytest.mark.parametrize("argv, words", [
     (["--horizon", "0"], "--horizon 0 (at least 1)"), (["--epochs", "0"], "--epochs 0 (at least 1)"), (["--eta", "-1"], "--eta -1.0 (at least 0)"),
     (["--dice-steps", "-2"], "--dice-steps -2"), (["--dice-lr", "0"], "--dice-lr 0.0"), (["--clip", "5", "1"], "--clip 5.0 1.0"),
+    (["--halt-margin", "-0.1"], "--halt-margin -0.1"),
 ])  # fmt: skip
 def test_impossible_values_are_refused_in_one_line(argv, words):
     with pytest.raises(SystemExit, match="impossible") as error:
@@ -233,3 +234,4 @@ def test_eval_rebuilds_the_actor_with_the_log_std_floor_it_was_trained_with(runs
     checkpoint["args"]["sac"]["log_std_min"] = -5.0
     torch.save(checkpoint, tmp_path / "checkpoint.pt")
     assert load_policy(str(tmp_path / "checkpoint.pt"), None)[0].log_std_min == -5.0
+

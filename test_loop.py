@@ -8,6 +8,7 @@ says which one-line changes to drop.py it catches; each of those changes was mad
 
 import math
 import types
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -273,15 +274,37 @@ def test_epoch_order_dice_then_rollout_then_updates_under_the_current_policy(hop
     assert events == [("dice", 7, True), *epoch, *epoch]
 
 
-def test_return_bound_is_the_largest_reward_sac_trains_on_over_one_minus_gamma():
-    real, model = ReplayBuffer(4, 1, 1, torch.device("cpu")), ReplayBuffer(8, 1, 1, torch.device("cpu"))
-    zeros = lambda n: torch.zeros(n, 1)
-    real.add(zeros(3), zeros(3), torch.tensor([1.0, -2.0, 0.5]), zeros(3), torch.zeros(3))
-    model.add(zeros(2), zeros(2), torch.tensor([-7.0, 3.0]), zeros(2), torch.zeros(2))
-    assert drop.return_bound(real, model, gamma=0.9) == pytest.approx(70.0)  # the penalised model reward -7 is the largest |r|
-    model.add(zeros(1), zeros(1), torch.tensor([0.0]), zeros(1), torch.zeros(1))
-    real.rew[3] = 100.0  # beyond the buffer's size: not data
-    assert drop.return_bound(real, model, gamma=0.99) == pytest.approx(700.0)
+def test_return_bound_is_the_data_reward_plus_eta_times_the_largest_penalty_over_one_minus_gamma():
+    """Catches: the model's rewards in the bound, eta or the penalty left out, 1 / gamma for 1 / (1 - gamma)."""
+    rewards = torch.tensor([1.0, -2.0, 0.5])
+    assert drop.return_bound(rewards, largest_penalty=3.0, eta=0.5, gamma=0.9) == pytest.approx(35.0)  # (2 + 0.5 x 3) / 0.1
+    assert drop.return_bound(rewards, largest_penalty=0.0, eta=7.0, gamma=0.99) == pytest.approx(200.0)
+
+
+@pytest.mark.parametrize(
+    "penalty, transform, clip, below_clip, expected",
+    [
+        ("drop", "log", (0.1, 10.0), "clip", math.log(10.0)),
+        ("drop", "log", (0.5, 4.0), "clip", math.log(4.0)),  # |log 0.5| < log 4
+        ("drop", "log", (0.01, 4.0), "zero", math.log(4.0)),  # below the clip gets 0, not log 0.01
+        ("drop", "tanh-shift", None, "clip", 1.0),  # tanh(tau - 1) on tau >= 0 lies in [-0.76, 1)
+        ("drop", "tanh-offset", None, "clip", math.tanh(1.0)),  # tanh(tau) - tanh(1) lies in [-0.76, 0.24)
+        ("none", "log", (0.1, 10.0), "clip", 0.0),
+    ],
+)
+def test_largest_penalty_is_the_transform_at_the_clip_ends(penalty, transform, clip, below_clip, expected):
+    hp = TaskDefaults(horizon=1, eta=1.0, dice_steps=1, dice_lr=1e-4, dice_lambda=0.1, clip=clip, transform=transform, epochs=1)
+    args = drop.Args(penalty=penalty, dice=drop.DiceConfig(below_clip=below_clip))
+    assert drop.largest_penalty(args, hp, StepEnsemble(stds=[0.0] * 4)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_largest_mopo_penalty_is_the_std_ceiling_of_the_learned_bounds():
+    """MOPO's penalty is a norm of stds that each stay below exp(max_logvar / 2): the largest such norm over the rows."""
+    dynamics = ProbabilisticEnsemble(OBS_DIM, ACT_DIM, DynamicsConfig(num_members=3, num_elites=2, hidden=8, logvar_bounds="per-member"))
+    with torch.no_grad():
+        dynamics.max_logvar.copy_(torch.tensor([0.0, 2 * math.log(3.0), -1.0]).view(3, 1, 1).expand_as(dynamics.max_logvar))
+    hp = TaskDefaults(horizon=1, eta=1.0, dice_steps=1, dice_lr=1e-4, dice_lambda=0.1, clip=None, transform="log", epochs=1)
+    assert drop.largest_penalty(drop.Args(penalty="mopo"), hp, dynamics) == pytest.approx(3.0 * math.sqrt(OBS_DIM + 1))
 
 
 def test_critic_health_warns_once_after_three_epochs_beyond_the_bound():
@@ -300,3 +323,57 @@ def test_critic_health_warns_once_after_three_epochs_beyond_the_bound():
     assert health.update(7, sac(1e5), bound) is None  # said once
     assert (health.max_critic_loss, health.max_alpha, health.diverging_since) == (50.0, 7.0, 4)
     assert health.summary() == "largest critic loss 50, largest alpha 7; critic diverging since epoch 5"
+
+
+def test_critic_health_warns_once_when_rollout_states_go_far_beyond_the_data():
+    """Beyond 5 x the data's largest |s| (or NaN) is far; said once, with the epoch, and kept in the summary."""
+    health = drop.CriticHealth()
+    assert health.update_states(0, 49.0, data_state_abs_max=10.0) is None
+    assert health.update_states(1, 50.0, data_state_abs_max=10.0) is None  # exactly 5 x is not beyond
+    warning = health.update_states(2, 51.0, data_state_abs_max=10.0)
+    assert warning.startswith("warning: model rollouts reach |s| = 51 in epoch 3") and "--halt-margin" in warning
+    assert health.update_states(3, 900.0, data_state_abs_max=10.0) is None  # said once
+    assert (health.max_state_abs, health.far_states_since) == (900.0, 2)
+    assert health.summary().endswith("rollout states beyond 5 x the data's since epoch 3")
+    assert drop.CriticHealth().update_states(0, math.nan, data_state_abs_max=10.0) is not None
+
+
+def test_rollouts_halt_as_terminations_where_a_state_leaves_the_widened_data_range():
+    """Each dimension's range [lo, hi] of the data widens by margin x (hi - lo); outside it (or NaN) terminates, as the env's own terminations do.
+
+    Catches: the margin ignored or taken of |hi| instead of the width, any() for all() (one
+    dimension outside is enough), the env's own terminations dropped, halting with no margin given.
+    """
+    real_obs = torch.tensor([[0.0, 10.0, -1.0], [2.0, 20.0, 1.0]])  # ranges [0, 2], [10, 20], [-1, 1]
+    env_terminated = lambda s: s[:, 2] > 0.5
+    drop.TERMINATION_FNS["test-robot"] = env_terminated
+    try:
+        halt = drop.rollout_termination("test-robot", real_obs, halt_margin=0.5)  # widened: [-1, 3], [5, 25], [-2, 2]
+        never = drop.rollout_termination("test-robot", real_obs, halt_margin=None)
+    finally:
+        del drop.TERMINATION_FNS["test-robot"]
+    states = torch.tensor([
+        [-0.9, 24.9, 0.0],  # inside the widened ranges, outside the data's own
+        [3.1, 15.0, 0.0],  # dim 0 beyond hi + 0.5 x 2
+        [1.0, 4.9, 0.0],  # dim 1 below lo - 0.5 x 10 (a margin of |hi| would be 10)
+        [1.0, 15.0, 1.0],  # inside, but the env terminates it
+        [math.nan, 15.0, 0.0],
+    ])  # fmt: skip
+    assert halt(states).tolist() == [False, True, True, True, True]
+    assert never(states).tolist() == [False, False, False, True, False]
+    rows, summary, start_obs = run_rollout("none", StepEnsemble(stds=[0.0] * 4), horizon=2, terminated_fn=drop.rollout_termination("halfcheetah", torch.tensor([[-3.0] * 3, [3.5] * 3]), 0.0))
+    # Offsets move dim 0 by 1, 3 or 4: the samples that end outside [-3, 3.5] are stored as terminal and roll no further.
+    first = len(start_obs)
+    assert torch.equal(rows["done"][:first], ((rows["next_obs"][:first] < -3.0) | (rows["next_obs"][:first] > 3.5)).any(-1).float()) and 0 < rows["done"][:first].sum() < first
+    alive = rows["next_obs"][:first][rows["done"][:first] == 0]
+    assert torch.equal(rows["obs"][first:], alive)
+    assert summary["terminated_mean"] == pytest.approx(rows["done"].mean().item())
+
+
+def test_halting_is_on_by_default_and_runs_saved_before_it_never_halted():
+    """A checkpoint without halt_margin comes from a run that never halted: resuming it must not start to."""
+    assert tyro.cli(drop.Args, args=[]).halt_margin == 0.1
+    assert tyro.cli(drop.Args, args=["--halt-margin", "None"]).halt_margin is None
+    saved = asdict(drop.Args())
+    del saved["halt_margin"]
+    assert drop.args_from_dict(saved).halt_margin is None
