@@ -33,6 +33,9 @@ class ClassifierConfig:
     """model samples, and as many dataset samples, per head and step"""
 
 
+LOGIT_MAX = 50.0  # the largest logit the ratio takes: e^50 lies far above every clip, and e^89 overflows float32
+
+
 class RatioClassifier(nn.Module):
     """One logistic classifier per elite on standardised (s, a); `ratio` has GradientDICE's interface."""
 
@@ -55,7 +58,8 @@ class RatioClassifier(nn.Module):
         return self.net(x, heads).squeeze(-1)
 
     def ratio(self, obs: torch.Tensor, act: torch.Tensor, heads: torch.Tensor | None = None) -> torch.Tensor:
-        return self.logit(obs, act, heads).exp()
+        """exp(logit), finite far off the data too (where the logit can reach the thousands)."""
+        return self.logit(obs, act, heads).clamp(max=LOGIT_MAX).exp()
 
 
 def classifier_loss(classifier: RatioClassifier, model_obs, model_act, data_obs, data_act) -> torch.Tensor:

@@ -153,3 +153,16 @@ def test_meaningless_classifier_flags_are_refused_in_one_line(argv, words):
     with pytest.raises(SystemExit, match="^error: ") as error:
         drop.task_hyperparameters(tyro.cli(drop.Args, args=argv), "hopper-medium")
     assert words in str(error.value) and "\n" not in str(error.value)
+
+
+def test_the_ratio_stays_finite_far_off_the_data():
+    """Rollouts far off the data push the logit into the thousands; exp of it would overflow float32 and stop drop.py's run on an inf tau."""
+    classifier = RatioClassifier(3, 1, 1, 8, torch.zeros(4), torch.ones(4))
+    with torch.no_grad():
+        classifier.net.output.bias.fill_(200.0)
+    ratio = classifier.ratio(torch.zeros(5, 3), torch.zeros(5, 1))
+    assert torch.isfinite(ratio).all() and torch.allclose(ratio, torch.tensor(math.exp(50.0)))
+    with torch.no_grad():
+        classifier.net.output.bias.fill_(-3.0)
+        classifier.net.output.weight.zero_()
+    assert torch.allclose(classifier.ratio(torch.zeros(5, 3), torch.zeros(5, 1)), torch.tensor(math.exp(-3.0)))  # no floor: small ratios pass unchanged
