@@ -30,7 +30,7 @@ import drop
 from checkpoint import buffer_state, load_buffer_state, load_checkpoint
 from datasets import OBS_ACT_DIMS
 from dice import DiceConfig, build_dice, dice_optimizer, resolve, train_dice
-from dynamics import DynamicsConfig, ProbabilisticEnsemble, halfcheetah_terminated, transition_targets
+from dynamics import DynamicsConfig, ProbabilisticEnsemble, transition_targets
 from sac import SAC, ReplayBuffer, SACConfig, pick_device
 from tasks import TASK_DEFAULTS
 
@@ -132,6 +132,8 @@ def bench_family(family: str, args: Args, device: torch.device) -> dict:
             dice_next_obs, cache_seconds = timed(lambda: dynamics.elite_mean_next_obs(real_obs, real_act), device)
         runs[penalty] = dict(args=drop_args, agent=agent, buffer=model_buffer, dice=dice, dice_opt=dice_opt, next_obs=dice_next_obs, cache_seconds=cache_seconds, times=[])
 
+    terminated_fn = drop.rollout_termination("halfcheetah", real_obs, drop.Args().halt_margin)  # drop.py's default: halt outside the data's range
+
     def epoch(run) -> dict[str, float]:
         """One drop.py epoch, each part timed."""
         agent, dice = run["agent"], run["dice"]
@@ -144,7 +146,7 @@ def bench_family(family: str, args: Args, device: torch.device) -> dict:
             with torch.no_grad():
                 _, parts["dice_policy_seconds"] = timed(lambda: [sample_action(step_rows) for step_rows in rows], device)
         start_obs = real_obs[torch.randint(real.size, (args.rollout_batch_size,), device=device)]
-        _, parts["rollout_seconds"] = timed(lambda: drop.rollout(dynamics, agent, dice, start_obs, hp, run["args"], halfcheetah_terminated, run["buffer"]), device)
+        _, parts["rollout_seconds"] = timed(lambda: drop.rollout(dynamics, agent, dice, start_obs, hp, run["args"], terminated_fn, run["buffer"]), device)
 
         def updates():
             for _ in range(args.sac_updates):
