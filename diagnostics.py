@@ -161,7 +161,7 @@ def penalties(run: Run, obs: torch.Tensor, act: torch.Tensor, elite: torch.Tenso
         groups = MemberGroups(elite, len(run.dynamics.elites))
         tau, penalty = drop.drop_penalty(run.dice, obs, act, groups, run.hp, resolve(run.args.dice))
         result["drop"] = {"penalty": penalty.double().numpy(), "tau": tau.double().numpy()}
-    result["mopo"] = {"penalty": drop.mopo_penalty(run.dynamics, obs, act).double().numpy()}
+    result["mopo"] = {"penalty": run.dynamics.mopo_penalty(obs, act).double().numpy()}
     return result
 
 

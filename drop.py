@@ -198,12 +198,6 @@ def drop_penalty(dice: GradientDICE | RatioClassifier, obs, act, groups: MemberG
     return tau, penalty(tau, hp.transform, hp.clip, dice_config.below_clip)
 
 
-def mopo_penalty(dynamics: ProbabilisticEnsemble, obs, act) -> torch.Tensor:
-    """MOPO's uncertainty: the largest norm of the predicted std over the elites."""
-    _, logvar = dynamics(obs, act, dynamics.elites)
-    return (0.5 * logvar).exp().norm(dim=-1).max(0).values
-
-
 @torch.no_grad()
 def rollout(dynamics, agent, dice, start_obs, hp: TaskDefaults, args: Args, terminated_fn, buffer: ReplayBuffer) -> dict[str, float]:
     """h-step rollouts from `start_obs`; each sample steps with a random elite and is penalised, then stored.
@@ -223,7 +217,7 @@ def rollout(dynamics, agent, dice, start_obs, hp: TaskDefaults, args: Args, term
             tau, reward_penalty = drop_penalty(dice, obs, act, groups, hp, dice_config)
             stats["tau"].append(tau)
         elif args.penalty == "mopo":
-            reward_penalty = mopo_penalty(dynamics, obs, act)
+            reward_penalty = dynamics.mopo_penalty(obs, act)
         else:
             reward_penalty = torch.zeros_like(reward)
         stats["reward"].append(reward)
@@ -290,8 +284,8 @@ class EpochProgress:
 
 def largest_penalty(args: Args, hp: TaskDefaults, dynamics: ProbabilisticEnsemble) -> float:
     """The largest |penalty| the run's estimator can give: its transform at the clip's ends, or MOPO's std ceiling."""
-    if args.penalty == "mopo":  # every predicted log-variance stays below the learned max_logvar
-        return (0.5 * dynamics.max_logvar).exp().norm(dim=-1).max().item()
+    if args.penalty == "mopo":
+        return dynamics.mopo_penalty_ceiling()
     if args.penalty == "drop":
         return penalty(torch.tensor([0.0, 1e9]), hp.transform, hp.clip, resolve(args.dice).below_clip).abs().max().item()
     return 0.0

@@ -15,7 +15,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -131,6 +130,15 @@ class ProbabilisticEnsemble(nn.Module):
         logvar = max_logvar - F.softplus(max_logvar - logvar)
         logvar = min_logvar + F.softplus(logvar - min_logvar)
         return mean, logvar
+
+    def mopo_penalty(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+        """MOPO's uncertainty: the largest norm of the predicted std over the elites."""
+        _, logvar = self(obs, act, self.elites)
+        return (0.5 * logvar).exp().norm(dim=-1).max(0).values
+
+    def mopo_penalty_ceiling(self) -> float:
+        """The largest value mopo_penalty can take: every predicted log-variance stays below max_logvar."""
+        return (0.5 * self.max_logvar).exp().norm(dim=-1).max().item()
 
     def sample_step(self, obs: torch.Tensor, act: torch.Tensor, groups: MemberGroups) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample (s', r) for each transition from the elite `groups` assigned to it."""
@@ -270,12 +278,12 @@ def uncertainty_report(model: ProbabilisticEnsemble, obs: torch.Tensor, act: tor
     _, logvar = model(obs, act)
     spread = logvar.amax(1) - logvar.amin(1)
     random_act = torch.rand(act.shape, generator=generator, device=act.device) * 2 - 1
-    penalty = lambda a: (0.5 * model(obs, a, model.elites)[1]).exp().norm(dim=-1).max(0).values.mean().item()
+    penalty = lambda a: model.mopo_penalty(obs, a).mean().item()
     return {
         "crossed_bounds": int((model.max_logvar < model.min_logvar).sum()), "bounds": model.max_logvar.numel(),
         "constant_outputs": int((spread < 0.01).sum()), "outputs": spread.numel(),
         "mopo_penalty_data": penalty(act), "mopo_penalty_random": penalty(random_act),
-        "mopo_penalty_ceiling": (0.5 * model.max_logvar).exp().norm(dim=-1).max().item(),
+        "mopo_penalty_ceiling": model.mopo_penalty_ceiling(),
     }  # fmt: skip
 
 

@@ -22,6 +22,7 @@ from scipy import stats
 import datasets
 import diagnostics
 from dice import penalty
+from dynamics import ProbabilisticEnsemble
 from tasks import TaskDefaults
 from sac import Actor
 from test_drop import HERE, hopper_file, runs  # noqa: F401 (fixtures)
@@ -100,6 +101,8 @@ class OffsetModel:
     def __call__(self, obs, act, members):  # MOPO's input: unit variances
         return torch.zeros(len(members), len(obs), obs.shape[1] + 1), torch.zeros(len(members), len(obs), obs.shape[1] + 1)
 
+    mopo_penalty = ProbabilisticEnsemble.mopo_penalty
+
 
 def test_model_error_is_the_distance_of_the_drawn_elite_from_mujoco():
     """With stored simulator states, the error is exactly the drawn elite's offset on the offset
@@ -136,6 +139,8 @@ class StillModel:
         mean = torch.zeros(len(members), len(obs), obs.shape[1] + 1)
         mean[..., -1] = torch.tensor([1.0, 2.0, 3.0])[:, None]
         return mean, torch.zeros_like(mean)
+
+    mopo_penalty = ProbabilisticEnsemble.mopo_penalty
 
 
 def test_drift_replays_recorded_episodes_to_their_end():

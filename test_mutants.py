@@ -28,9 +28,9 @@ def dice_after_the_updates(source: str) -> str:
 MUTANTS = [
     ("drop.py", "penalty added instead of subtracted", "reward - hp.eta * reward_penalty", "reward + hp.eta * reward_penalty"),
     ("drop.py", "eta dropped", "reward - hp.eta * reward_penalty", "reward - reward_penalty"),
-    ("drop.py", "MOPO: mean over elites", ".norm(dim=-1).max(0).values", ".norm(dim=-1).mean(0)"),
-    ("drop.py", "MOPO: all members", "_, logvar = dynamics(obs, act, dynamics.elites)", "_, logvar = dynamics(obs, act)"),
-    ("drop.py", "MOPO: max std instead of its norm", ".norm(dim=-1).max(0).values", ".amax(dim=-1).max(0).values"),
+    ("dynamics.py", "MOPO: mean over elites", ".norm(dim=-1).max(0).values", ".norm(dim=-1).mean(0)"),
+    ("dynamics.py", "MOPO: all members", "_, logvar = self(obs, act, self.elites)", "_, logvar = self(obs, act)"),
+    ("dynamics.py", "MOPO: max std instead of its norm", ".norm(dim=-1).max(0).values", ".amax(dim=-1).max(0).values"),
     ("drop.py", "penalty from head 0 for every sample", "tau = groups.gather(dice.ratio(groups.scatter(obs), groups.scatter(act)))", "tau = dice.ratio(obs, act)[0]"),
     ("drop.py", "penalty from the mean of the heads", "tau = groups.gather(dice.ratio(groups.scatter(obs), groups.scatter(act)))", "tau = dice.ratio(obs, act).mean(0)"),
     ("drop.py", "clip dropped", "penalty(tau, hp.transform, hp.clip, dice_config.below_clip)", "penalty(tau, hp.transform, None, dice_config.below_clip)"),
@@ -97,6 +97,7 @@ MUTANTS = [
     ("dynamics.py", "dynamics: lower logvar bound flipped", "logvar = min_logvar + F.softplus(logvar - min_logvar)", "logvar = min_logvar - F.softplus(min_logvar - logvar)"),
     ("dynamics.py", "dynamics: log-variance bounds per member by default", 'logvar_bounds: Literal["shared", "per-member"] = "shared"', 'logvar_bounds: Literal["shared", "per-member"] = "per-member"'),
     ("dynamics.py", "dynamics: shared bounds restored to the first epoch's", "best_state[name] = param.detach().clone()", "pass"),
+    ("dynamics.py", "MOPO: ceiling of the variance, not the std", "return (0.5 * self.max_logvar).exp().norm(dim=-1).max().item()", "return self.max_logvar.exp().norm(dim=-1).max().item()"),
     ("dynamics.py", "dynamics: holdout also trained on", "holdout, train = perm[:num_holdout], perm[num_holdout:]", "holdout, train = perm[:num_holdout], perm"),
 ]
 
@@ -106,7 +107,7 @@ TESTS = {
     "drop.py": ["test_loop.py", "test_sac.py"],
     "sac.py": ["test_loop.py", "test_sac.py"],
     "dice.py": ["test_dice.py", "test_known_answer.py"],
-    "dynamics.py": ["test_dynamics.py"],
+    "dynamics.py": ["test_dynamics.py", "test_loop.py"],
     "classifier.py": ["test_classifier.py"],
 }
 
