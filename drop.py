@@ -173,8 +173,9 @@ def rollout_termination(family: str, real_obs: torch.Tensor, halt_margin: float 
 
     A learned model extrapolates far off the data within a few steps (on the halfcheetah ensemble
     trained to early stopping, 5-step rollouts reach |s| = 970 where the data's largest is 28), and
-    a critic that bootstraps from those invented states diverges under every penalty. Ending there
-    as a termination gives them no value to bootstrap from. NaN counts as outside.
+    a critic that bootstraps from those invented states diverged there with DROP's penalty and with
+    none (docs/stable-loop.md). Ending there as a termination gives them no value to bootstrap from.
+    NaN counts as outside.
     """
     env_terminated = TERMINATION_FNS[family]
     if halt_margin is None:
