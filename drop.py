@@ -39,7 +39,7 @@ import torch
 from checkpoint import atomic_save, atomic_write, buffer_state, check_writable, exclusive_lock, load_buffer_state, load_checkpoint, load_optimizer_state, rng_state, set_rng_state
 from classifier import ClassifierConfig, RatioClassifier, train_classifier
 from datasets import DEFAULT_ENV, DatasetError, OfflineDataset, load_dataset, make_eval_env, normalized_score
-from dice import DiceConfig, GradientDICE, build_dice, dice_optimizer, penalty, resolve, train_dice
+from dice import DiceConfig, GradientDICE, build_dice, dice_optimizer, penalty, resolve, train_dice, transformed
 from dynamics import TERMINATION_FNS, DynamicsConfig, MemberGroups, ProbabilisticEnsemble, load_ensemble, save_ensemble, train_ensemble
 from sac import SAC, Batch, ReplayBuffer, SACConfig, adam, evaluate, pick_device, seed_everything, start_run
 from tasks import TaskDefaults, Transform, task_defaults
@@ -287,8 +287,9 @@ def largest_penalty(args: Args, hp: TaskDefaults, dynamics: ProbabilisticEnsembl
     """The largest |penalty| the run's estimator can give: its transform at the clip's ends, or MOPO's std ceiling."""
     if args.penalty == "mopo":
         return dynamics.mopo_penalty_ceiling()
-    if args.penalty == "drop":
-        return penalty(torch.tensor([0.0, 1e9]), hp.transform, hp.clip, resolve(args.dice).below_clip).abs().max().item()
+    if args.penalty == "drop":  # each transform is monotone, so the clip's ends (or 0 and infinity) bound it; below_clip's fills lie within
+        ends = torch.tensor(hp.clip if hp.clip is not None else (0.0, math.inf))
+        return transformed(ends, hp.transform).abs().max().item()
     return 0.0
 
 

@@ -286,7 +286,8 @@ def test_return_bound_is_the_data_reward_plus_eta_times_the_largest_penalty_over
     [
         ("drop", "log", (0.1, 10.0), "clip", math.log(10.0)),
         ("drop", "log", (0.5, 4.0), "clip", math.log(4.0)),  # |log 0.5| < log 4
-        ("drop", "log", (0.01, 4.0), "zero", math.log(4.0)),  # below the clip gets 0, not log 0.01
+        ("drop", "log", (0.01, 4.0), "zero", math.log(100.0)),  # tau just above 0.01 still gets log 0.01
+        ("drop", "log", (0.01, 4.0), "max", math.log(100.0)),
         ("drop", "tanh-shift", None, "clip", 1.0),  # tanh(tau - 1) on tau >= 0 lies in [-0.76, 1)
         ("drop", "tanh-offset", None, "clip", math.tanh(1.0)),  # tanh(tau) - tanh(1) lies in [-0.76, 0.24)
         ("none", "log", (0.1, 10.0), "clip", 0.0),
