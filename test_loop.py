@@ -61,9 +61,14 @@ ZERO_POLICY = types.SimpleNamespace(actor=lambda obs: (torch.zeros(len(obs), ACT
 NEVER_TERMINATED = lambda next_obs: torch.zeros(len(next_obs), dtype=torch.bool)
 
 
+def table_entry(horizon=1, eta=1.0, clip=None, transform="log") -> TaskDefaults:
+    """A per-dataset entry with the given rollout and penalty settings (the DICE ones do not matter here)."""
+    return TaskDefaults(horizon=horizon, eta=eta, dice_steps=1, dice_lr=1e-4, dice_lambda=0.1, clip=clip, transform=transform, epochs=1)
+
+
 def run_rollout(penalty: str, dynamics, dice=None, horizon=1, eta=2.5, transform="log", clip=(0.01, 10.0), terminated_fn=NEVER_TERMINATED, num_starts=600, dice_config=None):
     torch.manual_seed(0)
-    hp = TaskDefaults(horizon=horizon, eta=eta, dice_steps=1, dice_lr=1e-4, dice_lambda=0.1, clip=clip, transform=transform, epochs=1)
+    hp = table_entry(horizon, eta, clip, transform)
     buffer = ReplayBuffer(num_starts * horizon, OBS_DIM, ACT_DIM, torch.device("cpu"))
     start_obs = torch.randn(num_starts, OBS_DIM)
     args = drop.Args(penalty=penalty, dice=dice_config or drop.DiceConfig())
@@ -294,7 +299,7 @@ def test_return_bound_is_the_data_reward_plus_eta_times_the_largest_penalty_over
     ],
 )
 def test_largest_penalty_is_the_transform_at_the_clip_ends(penalty, transform, clip, below_clip, expected):
-    hp = TaskDefaults(horizon=1, eta=1.0, dice_steps=1, dice_lr=1e-4, dice_lambda=0.1, clip=clip, transform=transform, epochs=1)
+    hp = table_entry(clip=clip, transform=transform)
     args = drop.Args(penalty=penalty, dice=drop.DiceConfig(below_clip=below_clip))
     assert drop.largest_penalty(args, hp, StepEnsemble(stds=[0.0] * 4)) == pytest.approx(expected, rel=1e-6)
 
@@ -304,8 +309,7 @@ def test_largest_mopo_penalty_is_the_std_ceiling_of_the_learned_bounds():
     dynamics = ProbabilisticEnsemble(OBS_DIM, ACT_DIM, DynamicsConfig(num_members=3, num_elites=2, hidden=8, logvar_bounds="per-member"))
     with torch.no_grad():
         dynamics.max_logvar.copy_(torch.tensor([0.0, 2 * math.log(3.0), -1.0]).view(3, 1, 1).expand_as(dynamics.max_logvar))
-    hp = TaskDefaults(horizon=1, eta=1.0, dice_steps=1, dice_lr=1e-4, dice_lambda=0.1, clip=None, transform="log", epochs=1)
-    assert drop.largest_penalty(drop.Args(penalty="mopo"), hp, dynamics) == pytest.approx(3.0 * math.sqrt(OBS_DIM + 1))
+    assert drop.largest_penalty(drop.Args(penalty="mopo"), table_entry(), dynamics) == pytest.approx(3.0 * math.sqrt(OBS_DIM + 1))
 
 
 def test_critic_health_warns_once_after_three_epochs_beyond_the_bound():
