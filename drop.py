@@ -310,7 +310,7 @@ FAR_STATE_FACTOR = 5.0
 
 @dataclass
 class CriticHealth:
-    """What every report of a run states: SAC's largest epoch-mean critic loss and alpha, and whether Q diverged."""
+    """What every report of a run states: SAC's largest epoch-mean critic loss and alpha, whether Q diverged, and how far the rollouts went."""
 
     max_critic_loss: float = 0.0
     max_alpha: float = 0.0
@@ -350,7 +350,7 @@ class CriticHealth:
     def summary(self) -> str:
         diverged = f"; critic diverging since epoch {self.diverging_since + 1}" if self.diverging_since is not None else ""
         far = f"; rollout states beyond {FAR_STATE_FACTOR:g} x the data's since epoch {self.far_states_since + 1}" if self.far_states_since is not None else ""
-        return f"largest critic loss {self.max_critic_loss:.3g}, largest alpha {self.max_alpha:.3g}{diverged}{far}"
+        return f"largest critic loss {self.max_critic_loss:.3g}, largest alpha {self.max_alpha:.3g}, largest rollout |s| {self.max_state_abs:.3g}{diverged}{far}"
 
 
 def save_checkpoint(path: str, agent: SAC, dice: GradientDICE | None, dice_opt, model_buffer: ReplayBuffer, args: Args, data: OfflineDataset, hp: TaskDefaults,

@@ -327,7 +327,7 @@ def test_critic_health_warns_once_after_three_epochs_beyond_the_bound():
     assert warning.startswith("warning: the critic is diverging") and "since epoch 5" in warning and "300" in warning
     assert health.update(7, sac(1e5), bound) is None  # said once
     assert (health.max_critic_loss, health.max_alpha, health.diverging_since) == (50.0, 7.0, 4)
-    assert health.summary() == "largest critic loss 50, largest alpha 7; critic diverging since epoch 5"
+    assert health.summary() == "largest critic loss 50, largest alpha 7, largest rollout |s| 0; critic diverging since epoch 5"
 
 
 def test_critic_health_warns_once_when_rollout_states_go_far_beyond_the_data():
@@ -339,7 +339,7 @@ def test_critic_health_warns_once_when_rollout_states_go_far_beyond_the_data():
     assert warning.startswith("warning: model rollouts reach |s| = 51 in epoch 3") and "--halt-margin" in warning
     assert health.update_states(3, 900.0, data_state_abs_max=10.0) is None  # said once
     assert (health.max_state_abs, health.far_states_since) == (900.0, 2)
-    assert health.summary().endswith("rollout states beyond 5 x the data's since epoch 3")
+    assert health.summary().endswith("largest rollout |s| 900; rollout states beyond 5 x the data's since epoch 3")
     assert drop.CriticHealth().update_states(0, math.nan, data_state_abs_max=10.0) is not None
 
 
