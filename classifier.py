@@ -10,8 +10,12 @@ batches, has at its optimum the logit
 learned on both sides of the boundary. Head g belongs to elite g, like the DICE heads: its
 positives are the model-buffer samples that elite produced, the samples SAC trains on. The ratio
 is exp(logit), so drop.py's per-dataset clips, transforms and etas keep their meaning.
+
+`what_separates` asks the same classifier what gives a run's rollouts away: fresh classifiers of
+rollout against dataset samples on (s, a), on s alone and on a alone (diagnostics.py reports it).
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -96,3 +100,44 @@ def train_classifier(
         optimizer.step()
         total += loss.detach()
     return total / max(steps, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# What separates rollouts from the data?
+
+INPUT_PARTS = {"state and action": (True, True), "state only": (True, False), "action only": (False, True)}
+
+
+def hide(obs: torch.Tensor, act: torch.Tensor, input_mean: torch.Tensor, keep_state: bool, keep_action: bool):
+    """(s, a) with a hidden part set to its mean, which standardises to 0: the classifier cannot use it."""
+    obs_dim = obs.shape[-1]
+    return (obs if keep_state else input_mean[:obs_dim].expand_as(obs)), (act if keep_action else input_mean[obs_dim:].expand_as(act))
+
+
+def separation(model_logit: torch.Tensor, data_logit: torch.Tensor, upper_clip: float | None) -> dict[str, float]:
+    """Balanced held-out accuracy (0.5: the two are indistinguishable), median logits, and the share of
+    rollout samples whose ratio exp(logit) reaches the upper clip."""
+    return {
+        "accuracy": 0.5 * ((model_logit > 0).float().mean() + (data_logit < 0).float().mean()).item(),
+        "median_logit_rollout": model_logit.median().item(),
+        "median_logit_data": data_logit.median().item(),
+        "rollout_above_clip": float("nan") if upper_clip is None else (model_logit >= math.log(upper_clip)).float().mean().item(),
+    }
+
+
+def what_separates(model_obs, model_act, data_obs, data_act, input_mean, input_std, config: ClassifierConfig, steps: int, held_out: int,
+                   upper_clip: float | None) -> dict[str, dict[str, float]]:
+    """A fresh one-head classifier per entry of INPUT_PARTS, trained on all but the last `held_out`
+    samples of each side (as drop.py trains its heads) and judged on those."""
+    results = {}
+    for name, (keep_state, keep_action) in INPUT_PARTS.items():
+        obs_m, act_m = hide(model_obs, model_act, input_mean, keep_state, keep_action)
+        obs_d, act_d = hide(data_obs, data_act, input_mean, keep_state, keep_action)
+        classifier = RatioClassifier(model_obs.shape[-1], model_act.shape[-1], 1, config.hidden, input_mean, input_std)
+        optimizer = torch.optim.Adam(classifier.parameters(), lr=config.lr)
+        one_head = torch.zeros(len(obs_m) - held_out, dtype=torch.long)
+        train_classifier(classifier, optimizer, obs_m[:-held_out], act_m[:-held_out], one_head, obs_d[:-held_out], act_d[:-held_out], steps, config.batch_size)
+        with torch.no_grad():
+            results[name] = separation(classifier.logit(obs_m[-held_out:], act_m[-held_out:])[0], classifier.logit(obs_d[-held_out:], act_d[-held_out:])[0], upper_clip)
+    return results
+

@@ -17,6 +17,11 @@ as evaluation runs it. Per step: the true reward, the ensemble's reward for the 
 ensemble's next-state error. Training only ever sees h model steps from dataset states; this shows
 what the policy does after them, and whether the model saw it coming.
 
+Separation: what tells the run's model-buffer samples (what SAC trains on) from the data? Fresh
+classifiers of the two on (s, a), on s alone and on a alone (classifier.py's `what_separates`), and
+for a --ratio classifier run its own heads, each with its accuracy on held-out samples and the share
+of rollout samples it puts at the upper clip, where the penalty stops telling them apart.
+
 Writes runs/RUN/diagnostics/{fig2.png, fig3.png, drift.png, diagnostics.json} (and samples.npz, every
 sample's error and penalties, and the drift arrays) and prints a table and the times.
 """
@@ -36,6 +41,7 @@ import torch
 import tyro
 
 import drop
+from classifier import separation, what_separates
 from datasets import DatasetError, OfflineDataset, load_dataset, simulator_states
 from dice import resolve
 from dynamics import MemberGroups, load_ensemble
@@ -48,6 +54,7 @@ VELOCITY_CLIP = {"hopper": 10.0, "walker2d": 10.0, "halfcheetah": None}
 SUPPORT_SAMPLES = 500  # rollout samples drawn on Fig. 3, as in the paper
 UMAP_FIT_SAMPLES = 5000  # dataset state-actions the UMAP is fitted on (at most --samples)
 MIN_SAMPLES = 10  # fewer make the correlations meaningless
+ACTION_BOUND = 0.95  # |a| beyond this counts as an action at the bounds of [-1, 1]
 
 
 @dataclass
@@ -62,6 +69,8 @@ class Args:
     """dataset states the policy is run from in MuJoCo for drift.png (0: no drift)"""
     drift_steps: int = 100
     """MuJoCo steps from each of them (an episode that terminates ends earlier)"""
+    separation_steps: int = 2000
+    """Adam steps of each fresh classifier of model-buffer against dataset samples (0: no separation)"""
 
 
 @dataclass
@@ -373,6 +382,32 @@ def umap_embeddings(run: Run, fit_sa: np.ndarray, support_sa: np.ndarray, seed: 
 # ---------------------------------------------------------------------------------------------
 
 
+# ---------------------------------------------------------------------------------------------
+# Separation: what tells the rollouts from the data
+
+
+def rollout_separation(run: Run, steps: int, held_out: int, rng: np.random.Generator) -> dict:
+    """The separation section of diagnostics.json; `held_out` samples of each side judge the classifiers."""
+    buffer = run.checkpoint["model_buffer"]
+    size, data_size = int(buffer["size"]), len(run.data)
+    held_out = min(held_out, size // 2, data_size // 2)
+    model_rows, data_rows = torch.as_tensor(rng.permutation(size)), torch.as_tensor(rng.permutation(data_size))
+    model_obs, model_act, member = buffer["obs"][model_rows].float(), buffer["act"][model_rows].float(), buffer["member"][model_rows].long()
+    data_obs, data_act = torch.as_tensor(run.data.observations)[data_rows].float(), torch.as_tensor(run.data.actions)[data_rows].float()
+    upper_clip = run.hp.clip[1] if run.hp.clip is not None else None
+    classifiers = {}
+    if run.args.ratio == "classifier" and run.dice is not None:  # the run's own heads: a rollout sample under its elite's head, a dataset sample under a random one
+        heads = member[-held_out:].unsqueeze(0)
+        with torch.no_grad():
+            logit = lambda obs, act: run.dice.logit(obs[-held_out:], act[-held_out:]).gather(0, heads)[0]
+            classifiers["the run's heads"] = separation(logit(model_obs, model_act), logit(data_obs, data_act), upper_clip)
+    classifiers |= what_separates(model_obs, model_act, data_obs, data_act, run.dynamics.input_mean, run.dynamics.input_std, run.args.classifier,
+                                  steps, held_out, upper_clip)
+    at_bounds = lambda act: (act.abs() > ACTION_BOUND).float().mean().item()
+    return {"classifiers": classifiers, "steps": steps, "held_out": held_out, "rollout_samples": size, "upper_clip": upper_clip,
+            "actions_at_bounds": {"rollout": at_bounds(model_act), "data": at_bounds(data_act)}}
+
+
 def json_ready(value):
     """Plain JSON: NaN (a constant penalty has no correlation) becomes null."""
     if isinstance(value, dict):
@@ -411,6 +446,8 @@ def main(args: Args):
         raise SystemExit(f"error: --samples {args.samples} is too few for correlations; use at least {MIN_SAMPLES}")
     if args.drift_starts < 0 or args.drift_steps < 1:
         raise SystemExit(f"error: --drift-starts {args.drift_starts} --drift-steps {args.drift_steps}: give at least 0 starts (0: no drift) and 1 step")
+    if args.separation_steps < 0:
+        raise SystemExit(f"error: --separation-steps {args.separation_steps} is impossible; give 0 (no separation) or more")
     start = time.perf_counter()
     run_dir = args.run_dir.rstrip("/")
     run = load_run(run_dir)
@@ -464,6 +501,12 @@ def main(args: Args):
             drift_stats = drift_summary(drift, float(run.data.rewards.mean()))
             plot_drift(drift_stats, stats["dataset"]["error_mean"], run.hp.horizon, os.path.join(out, "drift.png"), title)
             times["drift"] = time.perf_counter() - tick
+
+        separated = None
+        if args.separation_steps:
+            tick = time.perf_counter()
+            separated = rollout_separation(run, args.separation_steps, args.samples, rng)
+            times["separation"] = time.perf_counter() - tick
         times["total"] = time.perf_counter() - start
 
         result = {
@@ -472,6 +515,7 @@ def main(args: Args):
                     "transform": run.hp.transform, "clip": run.hp.clip, "below_clip": resolve(run.args.dice).below_clip, "horizon": run.hp.horizon},
             "samples": args.samples, "seed": args.seed, "notes": notes, "times_s": {k: round(v, 2) for k, v in times.items()},
             **({"drift": drift_stats} if drift_stats else {}),
+            **({"separation": separated} if separated else {}),
         }
         with open(os.path.join(out, "diagnostics.json"), "w") as file:
             json.dump(json_ready(result), file, indent=1, allow_nan=False)
@@ -494,6 +538,10 @@ def main(args: Args):
               f"{d['model_reward_first_10']:.2f} and {d['model_reward_all']:.2f}, with next-state error {d['error_first_10']:.3f} and "
               f"{d['error_all']:.3f} (dataset samples: {stats['dataset']['error_mean']:.3f}); {d['running_at_end']:.0%} still running at the end; "
               + "; ".join(f"{name.upper()}'s penalty {d[f'{name}_penalty_first_10']:.2f} then {d[f'{name}_penalty_all']:.2f}" for name in ("drop", "mopo") if f"{name}_penalty_all" in d))
+    if separated:
+        print(f"separation, {separated['held_out']} held-out samples of each side: held-out accuracy (0.5: indistinguishable), share of rollout samples at the upper clip: "
+              + "; ".join(f"{name} {r['accuracy']:.3f}, {r['rollout_above_clip']:.2f}" for name, r in separated["classifiers"].items())
+              + f"; actions at the bounds (|a| > {ACTION_BOUND}): rollout {separated['actions_at_bounds']['rollout']:.2f}, data {separated['actions_at_bounds']['data']:.2f}")
     print("times: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in times.items()))
     print(f"wrote {final}/{', '.join(written)}")
 

@@ -6,7 +6,8 @@
    log ratio is 0 on the data; actions from another policy are told apart (the control).
 3. The known split: the medium policy against a file of equal parts medium and random data gives
    log 2 on the medium half and far less on the random half.
-Then drop.py: the flag trains, logs the ratio's health, and refuses what has no meaning.
+Then drop.py: the flag trains, logs the ratio's health, and refuses what has no meaning; and
+`what_separates` (diagnostics.py's separation) finds the part of (s, a) that tells rollouts from data.
 """
 
 import math
@@ -18,7 +19,7 @@ import tyro
 
 import datasets
 import drop
-from classifier import RatioClassifier, classifier_loss, train_classifier
+from classifier import ClassifierConfig, RatioClassifier, classifier_loss, separation, train_classifier, what_separates
 from sac import Actor
 from test_drop import TINY, hopper_file  # noqa: F401 (fixture)
 from test_known_answer import POLICY, medium_random_files
@@ -141,6 +142,11 @@ def test_drop_trains_with_the_classifier_and_logs_the_ratios_health(hopper_file,
     run = diagnostics.load_run(str(tmp_path / "runs" / "classifier"))
     saved = torch.load(tmp_path / "runs" / "classifier" / "checkpoint.pt", weights_only=True)["dice"]
     assert isinstance(run.dice, RatioClassifier) and torch.equal(run.dice.net.output.weight, saved["net.output.weight"])
+    # Its separation judges the run's own heads beside the fresh classifiers.
+    separated = diagnostics.rollout_separation(run, steps=20, held_out=100, rng=np.random.default_rng(0))
+    assert list(separated["classifiers"]) == ["the run's heads", "state and action", "state only", "action only"]
+    assert separated["upper_clip"] == 10.0 and separated["held_out"] == 100
+    assert all(0.0 <= row["accuracy"] <= 1.0 for row in separated["classifiers"].values())
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -166,3 +172,30 @@ def test_the_ratio_stays_finite_far_off_the_data():
         classifier.net.output.bias.fill_(-3.0)
         classifier.net.output.weight.zero_()
     assert torch.allclose(classifier.ratio(torch.zeros(5, 3), torch.zeros(5, 1)), torch.tensor(math.exp(-3.0)))  # no floor: small ratios pass unchanged
+
+
+@pytest.mark.parametrize("differ_in", ["state", "action"])
+def test_what_separates_finds_the_part_of_the_input_that_differs(differ_in):
+    """Rollouts that differ from the data only in their actions are told apart from a alone, and s alone is
+    chance (0.5); and the other way round. The best possible accuracy is Phi(|shift| / 2) = 0.983; measured 0.984-0.985, and 0.50-0.51."""
+    torch.manual_seed(0)
+    n, shift = 6000, torch.tensor([3.0, -3.0])
+    data_obs, data_act, model_obs, model_act = torch.randn(n, 2), torch.randn(n, 2), torch.randn(n, 2), torch.randn(n, 2)
+    if differ_in == "state":
+        model_obs = model_obs + shift
+    else:
+        model_act = model_act + shift
+    results = what_separates(model_obs, model_act, data_obs, data_act, torch.zeros(4), torch.ones(4), ClassifierConfig(), 1000, 2000, upper_clip=10.0)
+    print(f"\n{differ_in}: " + ", ".join(f"{name} {row['accuracy']:.3f}" for name, row in results.items()))
+    same = "action only" if differ_in == "state" else "state only"
+    assert results["state and action"]["accuracy"] > 0.95 and results[f"{differ_in} only"]["accuracy"] > 0.95
+    assert abs(results[same]["accuracy"] - 0.5) < 0.05
+
+
+def test_separation_is_the_balanced_accuracy_and_the_share_at_the_upper_clip():
+    model_logit = torch.tensor([3.0, 2.0, -1.0, 0.5])  # 3 of 4 called rollouts; log 10 = 2.30: 1 of 4 at the clip
+    data_logit = torch.tensor([-1.0, 1.0])  # 1 of 2 called data
+    result = separation(model_logit, data_logit, upper_clip=10.0)
+    assert result["accuracy"] == pytest.approx(0.5 * (0.75 + 0.5)) and result["rollout_above_clip"] == 0.25
+    assert result["median_logit_rollout"] == 0.5 and math.isnan(separation(model_logit, data_logit, None)["rollout_above_clip"])
+

@@ -246,23 +246,27 @@ def assert_figures_and_json(folder, penalties: list[str]) -> dict:
             assert reported["mean"] == pytest.approx(values.mean())
     for name in ("true_reward", "model_reward", "error", *(f"{penalty}_penalty" for penalty in penalties)):
         assert result["drift"][f"{name}_all"] == pytest.approx(np.nanmean(samples[f"drift/{name}"]))
+    separated = result["separation"]
+    assert list(separated["classifiers"]) == ["state and action", "state only", "action only"]  # fresh ones only: neither run has classifier heads
+    assert all(0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["rollout_above_clip"] <= 1.0 for row in separated["classifiers"].values())
+    assert 0 < separated["held_out"] <= min(result["dataset"]["n"] + result["dataset"]["skipped"], separated["rollout_samples"] // 2)
     return result
 
 
 def test_command_writes_figures_and_json(runs):
-    result = subprocess.run([sys.executable, f"{HERE}/diagnostics.py", "runs/drop", "--samples", "200"], cwd=runs, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, f"{HERE}/diagnostics.py", "runs/drop", "--samples", "200", "--separation-steps", "50"], cwd=runs, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     out = runs / "runs" / "drop" / "diagnostics"
     stats = assert_figures_and_json(out, ["drop", "mopo"])
     assert stats["dataset"]["states"] == "stored infos/qpos, infos/qvel" and stats["rollout"]["states"] == "rebuilt from observations"
     assert stats["dataset"]["n"] + stats["dataset"]["skipped"] == 200
-    assert "times:" in result.stdout and "rollout  drop" in result.stdout
+    assert "times:" in result.stdout and "rollout  drop" in result.stdout and "separation, " in result.stdout
     assert not list((runs / "runs" / "drop").glob(".diagnostics-*"))
 
 
 def test_mopo_run_shows_only_mopo_and_says_so(runs, monkeypatch, capsys):
     monkeypatch.chdir(runs)  # its --dynamics-path is relative to where it was trained
-    diagnostics.main(diagnostics.Args("runs/mopo", samples=100))
+    diagnostics.main(diagnostics.Args("runs/mopo", samples=100, separation_steps=50))
     result = assert_figures_and_json(runs / "runs" / "mopo" / "diagnostics", ["mopo"])
     assert "drop" not in result["dataset"] and "only MOPO" in result["notes"][0]
     assert "only MOPO" in capsys.readouterr().out
@@ -325,3 +329,14 @@ def test_late_failure_leaves_nothing_behind(runs, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="UMAP failed"):
         diagnostics.main(diagnostics.Args(folder, samples=50))
     assert not list(tmp_path.rglob("*diagnostics*"))
+
+
+@pytest.mark.parametrize("settings, words", [
+    ({"samples": 5}, "--samples 5"),
+    ({"drift_steps": 0}, "--drift-steps 0"),
+    ({"separation_steps": -1}, "--separation-steps -1"),
+])  # fmt: skip
+def test_impossible_settings_are_refused_in_one_line_before_anything_loads(settings, words, tmp_path):
+    with pytest.raises(SystemExit, match="^error: ") as error:
+        diagnostics.main(diagnostics.Args(str(tmp_path / "no-run"), **settings))
+    assert words in str(error.value) and "\n" not in str(error.value)

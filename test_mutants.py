@@ -72,6 +72,8 @@ MUTANTS = [
     ("classifier.py", "classifier: the logit taken as the ratio", "return self.logit(obs, act, heads).clamp(max=LOGIT_MAX).exp()", "return self.logit(obs, act, heads).clamp(max=LOGIT_MAX)"),
     ("classifier.py", "classifier: the ratio overflows far off the data", "self.logit(obs, act, heads).clamp(max=LOGIT_MAX).exp()", "self.logit(obs, act, heads).exp()"),
     ("classifier.py", "classifier: heads start away from ratio 1", "nn.init.zeros_(self.net.output.bias)", "nn.init.constant_(self.net.output.bias, 1.0)"),
+    ("classifier.py", "separation: the state never hidden", "(obs if keep_state else input_mean[:obs_dim].expand_as(obs))", "obs"),
+    ("classifier.py", "separation: the clip share on the logit scale", "(model_logit >= math.log(upper_clip))", "(model_logit >= upper_clip)"),
     ("dice.py", "DICE: (1 - gamma) dropped from the start term", "(1 - gamma) * f_init.mean(1)", "f_init.mean(1)"),
     ("dice.py", "DICE: gamma dropped from the flow term", "+ gamma * (tau * f_next).mean(1)", "+ (tau * f_next).mean(1)"),
     ("dice.py", "DICE: f^2 not halved", "- (tau * f + 0.5 * f**2).mean(1)", "- (tau * f + f**2).mean(1)"),
