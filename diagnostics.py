@@ -183,9 +183,14 @@ def correlations(penalty: np.ndarray, error: np.ndarray) -> dict[str, float]:
         return {"pearson": float(stats.pearsonr(penalty, error)[0]), "spearman": float(stats.spearmanr(penalty, error)[0])}
 
 
+def by_error_tenth(penalty: np.ndarray, error: np.ndarray) -> list[float]:
+    """The mean penalty on each tenth of the samples, taken in order of model error: a penalty that follows the error rises along it."""
+    return [float(penalty[part].mean()) for part in np.array_split(np.argsort(error, kind="stable"), 10)]
+
+
 def summary(name: str, values: dict[str, np.ndarray], error: np.ndarray, hp: TaskDefaults) -> dict[str, float]:
-    """Correlations with the error, the mean, and for DROP where tau fell against the clip."""
-    stats = {**correlations(values["penalty"], error), "mean": float(values["penalty"].mean())}
+    """Correlations with the error, the mean, the mean by tenth of the error, and for DROP where tau fell against the clip."""
+    stats = {**correlations(values["penalty"], error), "mean": float(values["penalty"].mean()), "by_error_tenth": by_error_tenth(values["penalty"], error)}
     if name == "drop":
         tau = values["tau"]
         stats["tau_mean"] = float(tau.mean())
@@ -428,14 +433,15 @@ def sample_arrays(sets: dict[str, dict]) -> dict[str, np.ndarray]:
 
 
 def print_table(stats: dict):
-    print(f"{'set':8} {'penalty':8} {'n':>6} {'skipped':>7} {'pearson':>8} {'spearman':>8} {'mean':>9} {'tau<s1':>7} {'tau>s2':>7} {'bonus':>6}")
+    print(f"{'set':8} {'penalty':8} {'n':>6} {'skipped':>7} {'pearson':>8} {'spearman':>8} {'mean':>9} {'low10%':>8} {'high10%':>8} {'tau<s1':>7} {'tau>s2':>7} {'bonus':>6}")
     for set_name in ("dataset", "rollout"):
         s = stats[set_name]
         for name in ("drop", "mopo"):
             if name in s:
                 p = s[name]
                 clip_columns = f"{p['tau_below_clip']:7.1%} {p['tau_above_clip']:7.1%} {p['raises_reward']:6.1%}" if name == "drop" else ""
-                print(f"{set_name:8} {name:8} {s['n']:6d} {s['skipped']:7d} {p['pearson']:8.3f} {p['spearman']:8.3f} {p['mean']:9.4f} {clip_columns}")
+                tenths = p["by_error_tenth"]
+                print(f"{set_name:8} {name:8} {s['n']:6d} {s['skipped']:7d} {p['pearson']:8.3f} {p['spearman']:8.3f} {p['mean']:9.4f} {tenths[0]:8.3f} {tenths[-1]:8.3f} {clip_columns}")
 
 
 def main(args: Args):

@@ -190,6 +190,16 @@ def test_correlations_on_constructed_cases():
     assert diagnostics.correlations(np.array([1.0, 3.0, 2.0]), np.array([1.0, 2.0, 3.0]))["pearson"] == pytest.approx(0.5)
 
 
+def test_penalty_by_tenth_of_the_error_follows_the_error_order_not_the_sample_order():
+    """20 samples in shuffled order: each tenth holds the 2 samples of the next-larger errors."""
+    rng = np.random.default_rng(0)
+    order = rng.permutation(20)
+    error = order.astype(float)  # sample i has the error rank order[i]
+    tenths = diagnostics.by_error_tenth(10.0 * error, error)
+    assert tenths == pytest.approx([10.0 * (2 * k + 0.5) for k in range(10)])
+    assert diagnostics.by_error_tenth(np.ones(20), error) == pytest.approx([1.0] * 10)  # a constant penalty is flat
+
+
 def test_drop_summary_counts_tau_against_the_clip():
     """Correlations on the clipped penalty values (clipped samples tie); fractions of tau
     strictly below s1 and above s2; a log penalty below zero raises the reward."""
@@ -244,6 +254,7 @@ def assert_figures_and_json(folder, penalties: list[str]) -> dict:
             assert reported["pearson"] == pytest.approx(np.corrcoef(values, error)[0, 1])
             assert reported["spearman"] == pytest.approx(stats.spearmanr(values, error)[0])
             assert reported["mean"] == pytest.approx(values.mean())
+            assert reported["by_error_tenth"][-1] == pytest.approx(values[np.argsort(error)[-(len(error) // 10):]].mean())
     for name in ("true_reward", "model_reward", "error", *(f"{penalty}_penalty" for penalty in penalties)):
         assert result["drift"][f"{name}_all"] == pytest.approx(np.nanmean(samples[f"drift/{name}"]))
     separated = result["separation"]
