@@ -184,8 +184,9 @@ def correlations(penalty: np.ndarray, error: np.ndarray) -> dict[str, float]:
 
 
 def by_error_tenth(penalty: np.ndarray, error: np.ndarray) -> list[float]:
-    """The mean penalty on each tenth of the samples, taken in order of model error: a penalty that follows the error rises along it."""
-    return [float(penalty[part].mean()) for part in np.array_split(np.argsort(error, kind="stable"), 10)]
+    """The mean penalty on each tenth of the samples, taken in order of model error: a penalty that follows the error rises along it.
+    Fewer than 10 samples give one part per sample."""
+    return [float(penalty[part].mean()) for part in np.array_split(np.argsort(error, kind="stable"), min(10, len(error)))]
 
 
 def summary(name: str, values: dict[str, np.ndarray], error: np.ndarray, hp: TaskDefaults) -> dict[str, float]:
