@@ -199,6 +199,7 @@ def test_penalty_by_tenth_of_the_error_follows_the_error_order_not_the_sample_or
     assert tenths == pytest.approx([10.0 * (2 * k + 0.5) for k in range(10)])
     assert diagnostics.by_error_tenth(np.ones(20), error) == pytest.approx([1.0] * 10)  # a constant penalty is flat
     assert diagnostics.by_error_tenth(np.array([3.0, 1.0, 2.0]), np.array([0.3, 0.1, 0.2])) == [1.0, 2.0, 3.0]  # fewer than 10: one part each
+    assert diagnostics.by_error_tenth(np.array([1.0, 3.0, 2.0]), np.array([0.3, 0.1, 0.2])) == [3.0, 2.0, 1.0]  # ordered by the error, not the penalty
 
 
 def test_drop_summary_counts_tau_against_the_clip():
