@@ -386,9 +386,6 @@ def umap_embeddings(run: Run, fit_sa: np.ndarray, support_sa: np.ndarray, seed: 
 
 
 # ---------------------------------------------------------------------------------------------
-
-
-# ---------------------------------------------------------------------------------------------
 # Separation: what tells the rollouts from the data
 
 
@@ -403,15 +400,18 @@ def rollout_separation(run: Run, steps: int, held_out: int, rng: np.random.Gener
     upper_clip = run.hp.clip[1] if run.hp.clip is not None else None
     classifiers = {}
     if run.args.ratio == "classifier" and run.dice is not None:  # the run's own heads: a rollout sample under its elite's head, a dataset sample under a random one
-        heads = member[-held_out:].unsqueeze(0)
+        groups = MemberGroups(member[-held_out:], run.dice.num_heads)
         with torch.no_grad():
-            logit = lambda obs, act: run.dice.logit(obs[-held_out:], act[-held_out:]).gather(0, heads)[0]
+            logit = lambda obs, act: groups.gather(run.dice.logit(groups.scatter(obs[-held_out:]), groups.scatter(act[-held_out:])))
             classifiers["the run's heads"] = separation(logit(model_obs, model_act), logit(data_obs, data_act), upper_clip)
     classifiers |= what_separates(model_obs, model_act, data_obs, data_act, run.dynamics.input_mean, run.dynamics.input_std, run.args.classifier,
                                   steps, held_out, upper_clip)
     at_bounds = lambda act: (act.abs() > ACTION_BOUND).float().mean().item()
     return {"classifiers": classifiers, "steps": steps, "held_out": held_out, "rollout_samples": size, "upper_clip": upper_clip,
             "actions_at_bounds": {"rollout": at_bounds(model_act), "data": at_bounds(data_act)}}
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def json_ready(value):
