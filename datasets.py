@@ -16,7 +16,8 @@ Sources, chosen by the name given to `load_dataset`:
   No d4rl, gym or mujoco_py needed.
 * Built-in names ("builtin-hopper-medium"): collected here on first use in Gymnasium's
   Hopper-v4 / Walker2d-v4 / HalfCheetah-v4 from the behaviour policies in policies/, then cached
-  in $DROP_DATA_DIR (default ~/.cache/drop/datasets). They work offline.
+  in $DROP_DATA_DIR (default ~/.cache/drop/datasets). They work offline. 200k transitions per
+  behaviour level; with "-1m" ("builtin-hopper-medium-1m") D4RL's 1M, whose first 200k are the same.
 * Minari ids ("mujoco/hopper/medium-v0"): loaded with the optional `minari` package.
 
 Run `python datasets.py --help` for the command line (info, collect, evaluate-policy).
@@ -547,6 +548,9 @@ def evaluate_policy(policy: TanhGaussianPolicy, env_id: str, episodes: int, seed
 POLICY_DIR = Path(__file__).resolve().parent / "policies"
 BUILTIN_KINDS = ("random", "medium", "expert", "medium-expert")
 BUILTIN_TRANSITIONS = 200_000  # per behaviour level; medium-expert has twice as many
+# The suffix for D4RL's size (1M transitions, 1,000 episodes, per level). The same seed draws the
+# same episodes first, so the 200k dataset is the start of the 1M one: a test of more data alone.
+BUILTIN_LARGE_SUFFIX, BUILTIN_LARGE_FACTOR = "-1m", 5
 # A different seed per level, so that the levels do not start their episodes from the same states.
 BUILTIN_SEEDS = {"random": 0, "medium": 1, "expert": 2}
 
@@ -573,7 +577,12 @@ def builtin_cache_dir() -> Path:
     return Path(os.environ.get("DROP_DATA_DIR", "~/.cache/drop/datasets")).expanduser()
 
 
-def _builtin_level_path(family: str, level: str) -> Path:
+def builtin_transitions(name: str) -> int:
+    """Transitions per behaviour level of a built-in name."""
+    return BUILTIN_TRANSITIONS * (BUILTIN_LARGE_FACTOR if name.endswith(BUILTIN_LARGE_SUFFIX) else 1)
+
+
+def _builtin_level_path(family: str, level: str, transitions: int) -> Path:
     """The cached collection of one behaviour level, collected first if need be.
 
     The file name carries the policy's hash, so a retrained policy gets a fresh dataset.
@@ -586,16 +595,16 @@ def _builtin_level_path(family: str, level: str) -> Path:
         )
     policy_tag = "random" if policy_file is None else _sha256(policy_file)[:12]
     seed = BUILTIN_SEEDS[level]
-    path = builtin_cache_dir() / f"{family}-{level}-{policy_tag}-seed{seed}-{BUILTIN_TRANSITIONS}.hdf5"
+    path = builtin_cache_dir() / f"{family}-{level}-{policy_tag}-seed{seed}-{transitions}.hdf5"
     if not path.exists():
         print(f"collecting built-in dataset {family}-{level} into {path} (first use only)", file=sys.stderr)
-        collect(FAMILY_ENV_IDS[family], str(policy_file or "random"), BUILTIN_TRANSITIONS, seed, path)
+        collect(FAMILY_ENV_IDS[family], str(policy_file or "random"), transitions, seed, path)
     return path
 
 
 def _load_builtin(name: str, family: str, kind: str) -> OfflineDataset:
     levels = _builtin_levels(kind)
-    paths = [_builtin_level_path(family, level) for level in levels]
+    paths = [_builtin_level_path(family, level, builtin_transitions(name)) for level in levels]
     parts = [_read_arrays(path) for path in paths]
     arrays = _validated(
         {key: np.concatenate([part_arrays[key] for part_arrays, _ in parts]) for key in REQUIRED_KEYS},
@@ -625,7 +634,7 @@ def _parse_name(env: str) -> _NameInfo:
     if env in D4RL_FILES:
         family, kind = re.fullmatch(r"(\w+)-(.+)-v\d", env).groups()
         return _NameInfo("d4rl", family, kind, FAMILY_ENV_IDS[family])
-    builtin = re.fullmatch(r"builtin-(\w+)-([\w-]+)", env)
+    builtin = re.fullmatch(rf"builtin-(\w+)-([\w-]+?)(?:{BUILTIN_LARGE_SUFFIX})?", env)
     if builtin and builtin[1] in OBS_ACT_DIMS and builtin[2] in BUILTIN_KINDS:
         return _NameInfo("builtin", builtin[1], builtin[2], FAMILY_ENV_IDS[builtin[1]])
     if "/" in env:
@@ -634,7 +643,8 @@ def _parse_name(env: str) -> _NameInfo:
     d4rl_v2 = [name for name in D4RL_FILES if name.endswith("-v2")]
     raise DatasetError(
         f"unknown dataset '{env}': use a D4RL name ({', '.join(d4rl_v2)}, or their -v0/-v1 versions), "
-        f"a built-in name ({', '.join(available_builtin_names())}), or a Minari id like mujoco/hopper/medium-v0"
+        f"a built-in name ({', '.join(available_builtin_names())}; add {BUILTIN_LARGE_SUFFIX} for 1M transitions), "
+        "or a Minari id like mujoco/hopper/medium-v0"
     )
 
 
@@ -700,8 +710,8 @@ class Info:
     """Print a dataset's size, episodes, returns and D4RL-normalised score."""
 
     name: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="NAME")] = DEFAULT_ENV
-    """Dataset: a D4RL name (hopper-medium-v2), a built-in name (builtin-hopper-medium) or a Minari id
-    (mujoco/hopper/medium-v0)."""
+    """Dataset: a D4RL name (hopper-medium-v2), a built-in name (builtin-hopper-medium, or
+    builtin-hopper-medium-1m for 1M transitions) or a Minari id (mujoco/hopper/medium-v0)."""
     dataset: Path | None = None
     """Read this D4RL-format HDF5 instead; NAME then only fixes the task, evaluation env and score."""
 

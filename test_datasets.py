@@ -327,6 +327,23 @@ def test_builtin_datasets_are_collected_once_and_concatenated(tmp_path, caches, 
         load_dataset("builtin-walker2d-medium")
 
 
+def test_builtin_1m_starts_with_the_200k_dataset(tmp_path, caches, monkeypatch):
+    policy_dir = tmp_path / "policies"
+    policy_dir.mkdir()
+    write_random_policy(policy_dir / "hopper-medium.npz", seed=1)
+    write_random_policy(policy_dir / "hopper-expert.npz", seed=2)
+    monkeypatch.setattr(datasets, "POLICY_DIR", policy_dir)
+    monkeypatch.setattr(datasets, "BUILTIN_TRANSITIONS", 200)
+
+    small, large = load_dataset("builtin-hopper-medium"), load_dataset("builtin-hopper-medium-1m")
+    assert (large.task, len(large), large.name) == ("hopper-medium", 1000, "builtin-hopper-medium-1m")
+    for key in ("observations", "actions", "rewards", "next_observations", "terminals"):
+        np.testing.assert_array_equal(getattr(large, key)[:200], getattr(small, key), err_msg=key)
+    # Only the cut that ends the small dataset differs: there it is a truncation, here the episode goes on.
+    np.testing.assert_array_equal(large.timeouts[:199], small.timeouts[:199])
+    assert len(load_dataset("builtin-hopper-medium-expert-1m")) == 2000
+
+
 def test_builtin_random_needs_no_policy_file(tmp_path, caches, monkeypatch):
     monkeypatch.setattr(datasets, "POLICY_DIR", tmp_path / "no-policies")
     monkeypatch.setattr(datasets, "BUILTIN_TRANSITIONS", 100)
@@ -415,6 +432,7 @@ def test_bad_files(hopper_file, tmp_path, env, make_file, expected):
         ("hopper-medium-v3", r"unknown dataset 'hopper-medium-v3': use a D4RL name \(hopper-random-v2, .*"
                              r"a built-in name \(.*\), or a Minari id like mujoco/hopper/medium-v0"),
         ("builtin-hopper-medium-replay", "unknown dataset 'builtin-hopper-medium-replay'"),
+        ("builtin-hopper-medium-2m", r"unknown dataset 'builtin-hopper-medium-2m'.*add -1m for 1M transitions"),
         ("mujoco/ant/medium-v0", "unsupported Minari id 'mujoco/ant/medium-v0'"),
         ("mujoco/hopper/replay-v0", "unsupported Minari id 'mujoco/hopper/replay-v0'"),
     ],
