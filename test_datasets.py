@@ -299,13 +299,18 @@ def test_collector_is_reproducible_and_records_the_state_before_each_step(tmp_pa
     env.close()
 
 
-def test_builtin_datasets_are_collected_once_and_concatenated(tmp_path, caches, monkeypatch):
+@pytest.fixture
+def hopper_policies(tmp_path, caches, monkeypatch):
+    """Stand-in hopper medium and expert policies, and built-in levels of 200 transitions."""
     policy_dir = tmp_path / "policies"
     policy_dir.mkdir()
     write_random_policy(policy_dir / "hopper-medium.npz", seed=1)
     write_random_policy(policy_dir / "hopper-expert.npz", seed=2)
     monkeypatch.setattr(datasets, "POLICY_DIR", policy_dir)
     monkeypatch.setattr(datasets, "BUILTIN_TRANSITIONS", 200)
+
+
+def test_builtin_datasets_are_collected_once_and_concatenated(tmp_path, hopper_policies, monkeypatch):
 
     data = load_dataset("builtin-hopper-medium-expert")
     assert (data.source, data.task, data.eval_env_id) == ("builtin", "hopper-medium-expert", "Hopper-v4")
@@ -327,13 +332,7 @@ def test_builtin_datasets_are_collected_once_and_concatenated(tmp_path, caches, 
         load_dataset("builtin-walker2d-medium")
 
 
-def test_builtin_1m_starts_with_the_200k_dataset(tmp_path, caches, monkeypatch):
-    policy_dir = tmp_path / "policies"
-    policy_dir.mkdir()
-    write_random_policy(policy_dir / "hopper-medium.npz", seed=1)
-    write_random_policy(policy_dir / "hopper-expert.npz", seed=2)
-    monkeypatch.setattr(datasets, "POLICY_DIR", policy_dir)
-    monkeypatch.setattr(datasets, "BUILTIN_TRANSITIONS", 200)
+def test_builtin_1m_starts_with_the_200k_dataset(hopper_policies):
 
     small, large = load_dataset("builtin-hopper-medium"), load_dataset("builtin-hopper-medium-1m")
     assert (large.task, len(large), large.name) == ("hopper-medium", 1000, "builtin-hopper-medium-1m")
