@@ -40,7 +40,7 @@ from checkpoint import atomic_save, atomic_write, buffer_state, check_writable, 
 from classifier import ClassifierConfig, RatioClassifier, train_classifier
 from datasets import DEFAULT_ENV, DatasetError, OfflineDataset, load_dataset, make_eval_env, normalized_score
 from dice import DiceConfig, GradientDICE, build_dice, dice_optimizer, penalty, resolve, train_dice, transformed
-from dynamics import TERMINATION_FNS, DynamicsConfig, MemberGroups, ProbabilisticEnsemble, load_ensemble, save_ensemble, train_ensemble
+from dynamics import TERMINATION_FNS, TRAINING_STATE_SUFFIX, DynamicsConfig, MemberGroups, ProbabilisticEnsemble, load_ensemble, save_ensemble, train_ensemble
 from sac import SAC, Batch, ReplayBuffer, SACConfig, adam, evaluate, pick_device, seed_everything, start_run
 from tasks import TaskDefaults, Transform, task_defaults
 
@@ -474,7 +474,8 @@ def trained_dynamics(args: Args, data: OfflineDataset, real: ReplayBuffer, data_
         from torch.utils.tensorboard import SummaryWriter
 
         dynamics = ProbabilisticEnsemble(data.obs_dim, data.act_dim, args.dynamics).to(device)
-        history = train_ensemble(dynamics, real.obs[: real.size], real.act[: real.size], real.next_obs[: real.size], real.rew[: real.size], args.seed)
+        history = train_ensemble(dynamics, real.obs[: real.size], real.act[: real.size], real.next_obs[: real.size], real.rew[: real.size], args.seed,
+                                 resume_path=path + TRAINING_STATE_SUFFIX)
         with SummaryWriter(os.path.join(run_dir, "dynamics")) as writer:  # its own folder, so a resume's purge cannot touch it
             for epoch, mse in enumerate(history):
                 writer.add_scalar("dynamics/holdout_mse", mse, epoch)

@@ -10,6 +10,7 @@ can share one model:
 """
 
 import copy
+import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -167,10 +168,32 @@ def transition_targets(obs: torch.Tensor, next_obs: torch.Tensor, rew: torch.Ten
     return torch.cat([next_obs - obs, rew[..., None]], -1)
 
 
-def train_ensemble(model: ProbabilisticEnsemble, obs: torch.Tensor, act: torch.Tensor, next_obs: torch.Tensor, rew: torch.Tensor, seed: int, progress: bool = True) -> list[float]:
+# Beside an ensemble's file while it trains: what a stopped training needs to go on.
+TRAINING_STATE_SUFFIX = ".training"
+
+
+def saved_training(path: str | None, fingerprint: str, device: torch.device) -> dict | None:
+    """The state a stopped training left at `path`, if it trained on the same data, settings and seed."""
+    if path is None or not os.path.isfile(path):
+        return None
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        print(f"training the ensemble from the start: {path} is not readable ({type(e).__name__})")
+        return None
+    if state.get("fingerprint") != fingerprint:
+        print(f"training the ensemble from the start: {path} was written for other data, settings or seed")
+        return None
+    print(f"resuming the ensemble's training from {path} after epoch {len(state['history'])}")
+    return state
+
+
+def train_ensemble(model: ProbabilisticEnsemble, obs: torch.Tensor, act: torch.Tensor, next_obs: torch.Tensor, rew: torch.Tensor, seed: int, progress: bool = True, resume_path: str | None = None) -> list[float]:
     """Fit the ensemble by Gaussian NLL on bootstrap samples, early-stop on holdout MSE, pick the elites.
 
     Returns the mean holdout MSE after each epoch. Each member ends with its best-holdout weights.
+    With `resume_path` the training's state is written there after every epoch, and a later call
+    goes on from it exactly (1M transitions take hours on a CPU); the file is removed at the end.
     """
     from tqdm import tqdm
 
@@ -193,9 +216,16 @@ def train_ensemble(model: ProbabilisticEnsemble, obs: torch.Tensor, act: torch.T
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     best = holdout_mse()
     best_state = copy.deepcopy(model.state_dict())
-    history, epochs_since_update, epoch = [], 0, 0
-    bar = tqdm(desc="dynamics", unit="epoch", total=config.max_epochs, disable=not progress)  # ETA only with a cap
-    while epochs_since_update < config.patience and (config.max_epochs is None or epoch < config.max_epochs):
+    history, epochs_since_update = [], 0
+    fingerprint = json.dumps([len(inputs), inputs.double().sum().item(), targets.double().sum().item(), asdict(config), seed])
+    saved = saved_training(resume_path, fingerprint, device)
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        generator.set_state(saved["generator"].cpu())  # a CUDA generator too takes its state on the CPU
+        best, best_state, history, epochs_since_update = saved["best"], saved["best_state"], saved["history"], saved["epochs_since_update"]
+    bar = tqdm(desc="dynamics", unit="epoch", total=config.max_epochs, initial=len(history), disable=not progress)  # ETA only with a cap
+    while epochs_since_update < config.patience and (config.max_epochs is None or len(history) < config.max_epochs):
         # An independent shuffle of each member's bootstrap sample.
         shuffled = bootstrap.gather(1, torch.rand(bootstrap.shape, generator=generator, device=device).argsort(1))
         for start in range(0, shuffled.shape[1], config.batch_size):
@@ -204,7 +234,6 @@ def train_ensemble(model: ProbabilisticEnsemble, obs: torch.Tensor, act: torch.T
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        epoch += 1
         mse = holdout_mse()
         improved = (best - mse) / best > 0.01
         if improved.any():
@@ -218,9 +247,14 @@ def train_ensemble(model: ProbabilisticEnsemble, obs: torch.Tensor, act: torch.T
         else:
             epochs_since_update += 1
         history.append(mse.mean().item())
+        if resume_path is not None:
+            atomic_save({"fingerprint": fingerprint, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                         "best": best, "best_state": best_state, "history": history, "epochs_since_update": epochs_since_update}, resume_path)
         bar.update()
         bar.set_postfix(holdout_mse=f"{history[-1]:.4f}", since_improved=epochs_since_update)
     bar.close()
+    if resume_path is not None and os.path.isfile(resume_path):
+        os.remove(resume_path)
     model.load_state_dict(best_state)
     model.elites.copy_(holdout_mse().argsort()[: config.num_elites])
     return history
@@ -262,7 +296,8 @@ class Args:
     device: str = "auto"
     """torch device: auto, cpu or cuda"""
     out: str | None = None
-    """where to save the ensemble; default runs/dynamics__{env}__{seed}__{time}/dynamics.pt"""
+    """where to save the ensemble; default runs/dynamics__{env}__{seed}__{time}/dynamics.pt. A stopped training
+    leaves OUT.training, and the same command with the same --out goes on from it"""
     inspect: str | None = None
     """instead of training: report on this saved ensemble's uncertainty on --env's data (crossed bounds, constant variances, MOPO's penalty)"""
     dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)
@@ -308,8 +343,9 @@ def main(args: Args):
               f"  MOPO's penalty: {r['mopo_penalty_data']:.2f} at the data's actions, {r['mopo_penalty_random']:.2f} at uniform random actions (ceiling {r['mopo_penalty_ceiling']:.2f})")
         return
     model = ProbabilisticEnsemble(data.obs_dim, data.act_dim, args.dynamics).to(device)
-    history = train_ensemble(model, as_tensor(data.observations), as_tensor(data.actions), as_tensor(data.next_observations), as_tensor(data.rewards), args.seed)
     path = args.out or os.path.join("runs", f"dynamics__{data.name.replace('/', '_')}__{args.seed}__{int(time.time())}", "dynamics.pt")
+    history = train_ensemble(model, as_tensor(data.observations), as_tensor(data.actions), as_tensor(data.next_observations), as_tensor(data.rewards), args.seed,
+                             resume_path=path + TRAINING_STATE_SUFFIX)
     save_ensemble(model, path, data.family)
     print(f"trained {len(history)} epochs, holdout MSE {history[0]:.4f} -> {history[-1]:.4f}; elites {model.elites.tolist()}; saved {path}")
 

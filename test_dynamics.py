@@ -15,6 +15,7 @@ Run with `pytest -s test_dynamics.py` to see the measured numbers.
 
 import copy
 import dataclasses
+import os
 
 import gymnasium as gym
 import numpy as np
@@ -343,6 +344,48 @@ def test_elites_are_the_members_with_the_lowest_holdout_mse(spied_training):
     mse = ((mean - target) ** 2).mean((1, 2))
     assert len(set(mse.tolist())) == 4  # distinct, so "the best two" is one answer
     assert model.elites.tolist() == mse.argsort()[:2].tolist()
+
+
+def random_transitions(n: int = 300, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(shape, generator=generator) for shape in ((n, 3), (n, 2), (n, 3), (n,)))
+
+
+def test_a_stopped_training_goes_on_exactly_from_its_saved_state(tmp_path, capsys):
+    """Stopped in its third epoch, the training goes on from the state of its second and ends as an
+    unstopped one would, weights and history; the state file is gone at the end."""
+    data, state_file = random_transitions(), str(tmp_path / "dynamics.pt.training")
+    whole = small_ensemble()
+    whole.config.max_epochs = 4
+    history = train_ensemble(whole, *data, seed=3, progress=False)
+
+    stopped = small_ensemble()
+    stopped.config.max_epochs = 4
+    steps_per_epoch, loss, calls = -(-240 // 32), stopped.loss, []
+    stopped.loss = lambda *batch: calls.append(1) or (loss(*batch) if len(calls) <= 2 * steps_per_epoch + 3 else 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        train_ensemble(stopped, *data, seed=3, progress=False, resume_path=state_file)
+    assert len(torch.load(state_file, weights_only=True)["history"]) == 2
+
+    resumed = small_ensemble(seed=1)  # other initial weights: everything must come from the file
+    resumed.config.max_epochs = 4
+    assert train_ensemble(resumed, *data, seed=3, progress=False, resume_path=state_file) == history
+    assert "resuming the ensemble's training" in capsys.readouterr().out
+    for name, value in whole.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, rtol=0, atol=0, msg=name)
+    assert not os.path.exists(state_file)
+
+
+def test_a_saved_state_for_other_data_or_seed_is_not_resumed(tmp_path, capsys):
+    data, state_file = random_transitions(), str(tmp_path / "dynamics.pt.training")
+    model = small_ensemble()
+    model.config.max_epochs = 1
+    stopped = small_ensemble()
+    stopped.config.max_epochs = 1
+    torch.save({"fingerprint": "another dataset", "history": [0.5]}, state_file)
+    history = train_ensemble(stopped, *data, seed=3, progress=False, resume_path=state_file)
+    assert "was written for other data, settings or seed" in capsys.readouterr().out
+    assert history == train_ensemble(model, *data, seed=3, progress=False)
 
 
 # ---------------------------------------------------------------------------------------------
