@@ -39,7 +39,7 @@ import torch
 import tyro
 
 import drop
-from datasets import DatasetError, _parse_name, load_dataset
+from datasets import DatasetError, _parse_name, load_dataset, normalized_score
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 Penalty = Literal["drop", "mopo", "none"]
@@ -456,9 +456,21 @@ def format_table(title: str, runs: list[Run], rows: dict[Run, dict], failed: lis
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(path: str, runs: list[Run], sweep_dir: str):
+def data_scores(envs: list[str]) -> dict[str, float]:
+    """The mean normalised score of each dataset's own episodes (its behaviour policy), where the data can be read."""
+    scores = {}
+    for env in envs:
+        try:
+            data = load_dataset(env)
+        except DatasetError:  # a report away from the data draws no line for it
+            continue
+        scores[env] = float(normalized_score(data.family, data.episode_returns()).mean())
+    return scores
+
+
+def plot_curves(path: str, runs: list[Run], sweep_dir: str, behaviour_scores: dict[str, float]):
     """Normalised score against epoch: one panel per dataset, one line per column, the mean over
-    seeds with a band from the lowest to the highest seed."""
+    seeds with a band from the lowest to the highest seed, and a dashed line at the data's own score."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -478,8 +490,10 @@ def plot_curves(path: str, runs: list[Run], sweep_dir: str):
             length = min(map(len, curves))  # a cut-off seed shortens the band rather than bending it
             epochs = np.array([row["epoch"] + 1 for row in curves[0][:length]])
             scores = np.array([[row["normalized_score"] for row in curve[:length]] for curve in curves])
-            ax.plot(epochs, scores.mean(0), color=color, label=f"{column} ({len(curves)} seeds)")
+            ax.plot(epochs, scores.mean(0), color=color, label=f"{column} ({len(curves)} seed{'s' if len(curves) > 1 else ''})")
             ax.fill_between(epochs, scores.min(0), scores.max(0), color=color, alpha=0.2)
+        if env in behaviour_scores:
+            ax.axhline(behaviour_scores[env], color="gray", linestyle="--", linewidth=1, label=f"the data ({behaviour_scores[env]:.0f})")
         ax.set(title=env, xlabel="epoch", ylabel="normalised score")
         if ax.lines:  # no lines before drop.py writes progress.csv
             ax.legend(fontsize=8)
@@ -575,7 +589,7 @@ def main(args: Args, passthrough: list[str]) -> list[dict]:
     title = f"Sweep `{args.name}`" + (f", drop.py flags `{' '.join(passthrough)}`" if passthrough else "")
     table = format_table(title, runs, rows, failed, args.bootstrap_resamples)
     write_atomically(os.path.join(sweep_dir, "table.md"), table)
-    plot_curves(os.path.join(sweep_dir, "curves.png"), runs, sweep_dir)
+    plot_curves(os.path.join(sweep_dir, "curves.png"), runs, sweep_dir, data_scores(list(dict.fromkeys(run.env for run in runs))))
     print(table)
     if failed:
         raise SystemExit(f"error: {len(failed)} of {len(runs)} runs failed (listed in {sweep_dir}/table.md); run the same command again to retry them")

@@ -295,3 +295,12 @@ def test_bootstrap_percentile_interval_of_a_two_run_task():
     assert sweep.percentile_interval(boot, confidence=0.5) == (0.5, 0.5)
     value, interval = sweep.improvement_with_ci([np.array([1.0, 2.0])], [np.array([0.0, 0.5])], reps=1000)
     assert value == 1.0 and interval == (1.0, 1.0)
+
+
+def test_the_data_line_is_the_score_of_the_datasets_own_episodes(workdir):
+    scores = sweep.data_scores([*ENVS, "builtin-walker2d-medium"])  # no walker2d policy here: no line, no error
+    assert set(scores) == set(ENVS)
+    data = datasets.load_dataset(ENVS[0])
+    ends = np.flatnonzero(data.terminals | data.timeouts)
+    returns = [data.rewards[start : end + 1].sum() for start, end in zip([0, *(ends[:-1] + 1)], ends)]
+    assert scores[ENVS[0]] == pytest.approx(float(np.mean(100 * (np.array(returns) - datasets.REF_SCORES["hopper"][0]) / np.diff(datasets.REF_SCORES["hopper"])[0])), rel=1e-4)
