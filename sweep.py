@@ -480,7 +480,7 @@ def plot_curves(path: str, runs: list[Run], sweep_dir: str, behaviour_scores: di
     columns = list(dict.fromkeys(run.column for run in runs))
     ncols = min(len(envs), 3)
     nrows = -(-len(envs) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.2 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 3.2 * nrows), squeeze=False)  # room for the legend beside each panel
     for ax, env in zip(axes.flat, envs):
         for color, column in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4, columns):
             curves = [read_progress(os.path.join(sweep_dir, "runs", run.name)) for run in runs if (run.env, run.column) == (env, column)]
@@ -496,7 +496,7 @@ def plot_curves(path: str, runs: list[Run], sweep_dir: str, behaviour_scores: di
             ax.axhline(behaviour_scores[env], color="gray", linestyle="--", linewidth=1, label=f"the data ({behaviour_scores[env]:.0f})")
         ax.set(title=env, xlabel="epoch", ylabel="normalised score")
         if ax.lines:  # no lines before drop.py writes progress.csv
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     for ax in list(axes.flat)[len(envs) :]:
         ax.axis("off")
     fig.tight_layout()
