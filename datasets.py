@@ -603,8 +603,8 @@ def _builtin_level_path(family: str, level: str, transitions: int) -> Path:
 
 
 def _load_builtin(name: str, family: str, kind: str) -> OfflineDataset:
-    levels = _builtin_levels(kind)
-    paths = [_builtin_level_path(family, level, builtin_transitions(name)) for level in levels]
+    levels, transitions = _builtin_levels(kind), builtin_transitions(name)
+    paths = [_builtin_level_path(family, level, transitions) for level in levels]
     parts = [_read_arrays(path) for path in paths]
     arrays = _validated(
         {key: np.concatenate([part_arrays[key] for part_arrays, _ in parts]) for key in REQUIRED_KEYS},

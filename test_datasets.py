@@ -311,7 +311,6 @@ def hopper_policies(tmp_path, caches, monkeypatch):
 
 
 def test_builtin_datasets_are_collected_once_and_concatenated(tmp_path, hopper_policies, monkeypatch):
-
     data = load_dataset("builtin-hopper-medium-expert")
     assert (data.source, data.task, data.eval_env_id) == ("builtin", "hopper-medium-expert", "Hopper-v4")
     assert len(data) == 400
@@ -333,7 +332,6 @@ def test_builtin_datasets_are_collected_once_and_concatenated(tmp_path, hopper_p
 
 
 def test_builtin_1m_starts_with_the_200k_dataset(hopper_policies):
-
     small, large = load_dataset("builtin-hopper-medium"), load_dataset("builtin-hopper-medium-1m")
     assert (large.task, len(large), large.name) == ("hopper-medium", 1000, "builtin-hopper-medium-1m")
     for key in ("observations", "actions", "rewards", "next_observations", "terminals"):
