@@ -307,13 +307,14 @@ def run_script(argv: list[str], cwd: str, log_path: str, threads: int):
         json.dump(record, file)
 
 
-def prepare_dataset(env: str) -> str:
-    """Download or collect the dataset once, before the seeds' ensembles all want it at the same time."""
+def prepare_dataset(env: str) -> float:
+    """Download or collect the dataset once, before the seeds' ensembles all want it at the same time;
+    returns the mean normalised score of its own episodes (its behaviour policy), for the report."""
     try:
-        load_dataset(env)
+        data = load_dataset(env)
     except DatasetError as e:
         raise ScriptFailed(f"dataset {env}: {e}") from None
-    return env
+    return float(normalized_score(data.family, data.episode_returns()).mean())
 
 
 def train_dynamics(env: str, seed: int, path: str, flags: list[str], sweep_dir: str, threads: int, _dataset_ready: str) -> str:
@@ -456,16 +457,19 @@ def format_table(title: str, runs: list[Run], rows: dict[Run, dict], failed: lis
     return "\n".join(lines) + "\n"
 
 
-def data_scores(envs: list[str]) -> dict[str, float]:
-    """The mean normalised score of each dataset's own episodes (its behaviour policy), where the data can be read."""
-    scores = {}
-    for env in envs:
-        try:
-            data = load_dataset(env)
-        except DatasetError:  # a report away from the data draws no line for it
-            continue
-        scores[env] = float(normalized_score(data.family, data.episode_returns()).mean())
-    return scores
+def record_data_scores(sweep_dir: str, scores: dict[str, float]) -> dict[str, float]:
+    """Add this invocation's datasets to the sweep's record of their own scores; returns the whole record.
+
+    The report reads the record, so that drawing it never loads (or downloads) a dataset again."""
+    path = os.path.join(sweep_dir, "data_scores.json")
+    recorded = {}
+    if os.path.isfile(path):
+        with open(path) as file:
+            recorded = json.load(file)
+    recorded |= scores
+    if scores:
+        write_atomically(path, json.dumps(recorded, indent=1, sort_keys=True))
+    return recorded
 
 
 def plot_curves(path: str, runs: list[Run], sweep_dir: str, behaviour_scores: dict[str, float]):
@@ -589,7 +593,13 @@ def main(args: Args, passthrough: list[str]) -> list[dict]:
     title = f"Sweep `{args.name}`" + (f", drop.py flags `{' '.join(passthrough)}`" if passthrough else "")
     table = format_table(title, runs, rows, failed, args.bootstrap_resamples)
     write_atomically(os.path.join(sweep_dir, "table.md"), table)
-    plot_curves(os.path.join(sweep_dir, "curves.png"), runs, sweep_dir, data_scores(list(dict.fromkeys(run.env for run in runs))))
+    prepared = {}
+    for env, ref in datasets_ready.items():
+        try:
+            prepared[env] = ray.get(ref)
+        except ray.exceptions.RayError:  # its runs failed and are listed; the figure draws no data line for it
+            pass
+    plot_curves(os.path.join(sweep_dir, "curves.png"), runs, sweep_dir, record_data_scores(sweep_dir, prepared))
     print(table)
     if failed:
         raise SystemExit(f"error: {len(failed)} of {len(runs)} runs failed (listed in {sweep_dir}/table.md); run the same command again to retry them")

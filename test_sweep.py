@@ -4,6 +4,7 @@ command again trains nothing; the CSV's scores are the checkpoints'. The statist
 hand-computed values."""
 
 import csv
+import json
 import os
 import signal
 import threading
@@ -142,8 +143,12 @@ def test_runs_share_one_ensemble_per_dataset_and_seed(tiny_sweep, workdir):
         assert checkpoint["args"]["dynamics_path"].endswith(f"dynamics/{row['dataset']}__seed{row['seed']}.pt")
 
 
-def test_rerun_trains_nothing(tiny_sweep, workdir, capsys):
+def test_rerun_trains_nothing(tiny_sweep, workdir, capsys, monkeypatch):
     # Checkpoints, ensembles, and the logs that every started script writes: none may change.
+    def no_data(env, *_):
+        raise AssertionError(f"the report of a finished sweep read {env} again")
+
+    monkeypatch.setattr(sweep, "load_dataset", no_data)  # its data line comes from data_scores.json
     outputs = [*(workdir / "sweeps/tiny").glob("runs/*/checkpoint.pt"), *(workdir / "sweeps/tiny").glob("dynamics/*.pt"), *(workdir / "sweeps/tiny").glob("logs/*.log")]
     assert len(outputs) == 8 + 4 + (8 + 4)  # checkpoints, ensembles, logs of runs and ensembles
     before = {path: path.stat().st_mtime_ns for path in outputs}
@@ -297,10 +302,19 @@ def test_bootstrap_percentile_interval_of_a_two_run_task():
     assert value == 1.0 and interval == (1.0, 1.0)
 
 
-def test_the_data_line_is_the_score_of_the_datasets_own_episodes(workdir):
-    scores = sweep.data_scores([*ENVS, "builtin-walker2d-medium"])  # no walker2d policy here: no line, no error
+def test_the_data_line_is_the_score_of_the_datasets_own_episodes(tiny_sweep, workdir):
+    with open(workdir / "sweeps/tiny/data_scores.json") as file:
+        scores = json.load(file)
     assert set(scores) == set(ENVS)
     data = datasets.load_dataset(ENVS[0])
     ends = np.flatnonzero(data.terminals | data.timeouts)
     returns = [data.rewards[start : end + 1].sum() for start, end in zip([0, *(ends[:-1] + 1)], ends)]
     assert scores[ENVS[0]] == pytest.approx(float(np.mean(100 * (np.array(returns) - datasets.REF_SCORES["hopper"][0]) / np.diff(datasets.REF_SCORES["hopper"])[0])), rel=1e-4)
+
+
+def test_the_data_scores_record_keeps_earlier_datasets(tmp_path):
+    """A sweep extended by a dataset keeps the line of the ones it prepared before; nothing new, nothing written."""
+    assert sweep.record_data_scores(str(tmp_path), {}) == {} and not os.listdir(tmp_path)
+    sweep.record_data_scores(str(tmp_path), {"a": 1.0, "b": 2.0})
+    assert sweep.record_data_scores(str(tmp_path), {"b": 3.0, "c": 4.0}) == {"a": 1.0, "b": 3.0, "c": 4.0}
+    assert sweep.record_data_scores(str(tmp_path), {}) == {"a": 1.0, "b": 3.0, "c": 4.0}
