@@ -83,6 +83,8 @@ class Args:
     """times Ray retries a run whose worker died or whose drop.py was killed"""
     bootstrap_resamples: int = 10_000
     """resamples of the stratified bootstrap behind the confidence intervals"""
+    report_only: bool = False
+    """write table.md, results.csv and curves.png from the runs as they stand, finished or not, and start nothing: a look at a sweep in progress (the table's epochs column says how far each run is)"""
 
 
 # Flags whose values the sweep sets itself, per run.
@@ -535,17 +537,12 @@ def interrupt_message(bar):
         raise SystemExit(f"interrupted after {bar.n} of {bar.total} runs; the same command carries on from there") from None
 
 
-def main(args: Args, passthrough: list[str]) -> list[dict]:
+def run_grid(args: Args, passthrough: list[str], runs: list[Run], sweep_dir: str) -> tuple[dict[Run, dict], list[str], dict[str, float]]:
+    """Every run of the grid that is not finished, on Ray: each run's results row, the failed runs,
+    and the own score of each dataset prepared."""
     from tqdm import tqdm
 
-    if args.address is not None and args.num_cpus is not None:
-        raise SystemExit("error: --num-cpus sizes a local Ray; a cluster at --address has its own CPUs")
-    drop_args = drop_flags_checked(passthrough)
-    runs = plan(args, drop_args)
     dynamics_flags = [token for group in split_flags(passthrough) if group[0].startswith(("--dynamics.", "--device")) for token in group]
-    sweep_dir = os.path.abspath(os.path.join("sweeps", args.name))
-    refuse_changed_settings(sweep_dir, runs, drop_args)
-
     finished = {run for run in runs if resume_flags(os.path.join(sweep_dir, "runs", run.name), run.epochs) is None}
     if len(finished) < len(runs):
         start_ray(args.address, args.num_cpus)
@@ -587,18 +584,38 @@ def main(args: Args, passthrough: list[str]) -> list[dict]:
                 bar.write(f"{run.name}: score {row['normalized_score']:.1f} after {row['epochs']} epochs, {row['wall_seconds']:.0f} s on {row['host']}")
             bar.update()
 
-    rows = {run: rows[run] for run in runs if run in rows}  # in grid order
-    if rows:
-        write_csv(os.path.join(sweep_dir, "results.csv"), list(rows.values()))
-    title = f"Sweep `{args.name}`" + (f", drop.py flags `{' '.join(passthrough)}`" if passthrough else "")
-    table = format_table(title, runs, rows, failed, args.bootstrap_resamples)
-    write_atomically(os.path.join(sweep_dir, "table.md"), table)
     prepared = {}
     for env, ref in datasets_ready.items():
         try:
             prepared[env] = ray.get(ref)
         except ray.exceptions.RayError:  # its runs failed and are listed; the figure draws no data line for it
             pass
+    return rows, failed, prepared
+
+
+def main(args: Args, passthrough: list[str]) -> list[dict]:
+    if args.address is not None and args.num_cpus is not None:
+        raise SystemExit("error: --num-cpus sizes a local Ray; a cluster at --address has its own CPUs")
+    drop_args = drop_flags_checked(passthrough)
+    runs = plan(args, drop_args)
+    sweep_dir = os.path.abspath(os.path.join("sweeps", args.name))
+    refuse_changed_settings(sweep_dir, runs, drop_args)
+    if args.report_only:
+        if not os.path.isdir(sweep_dir):
+            raise SystemExit(f"error: --report-only: there is no sweep {args.name!r} here ({sweep_dir}); run it first without --report-only")
+        rows = {run: result_row(run, sweep_dir) for run in runs if os.path.isfile(os.path.join(sweep_dir, "runs", run.name, "checkpoint.pt"))}
+        failed, prepared = [], {}
+    else:
+        rows, failed, prepared = run_grid(args, passthrough, runs, sweep_dir)
+
+    rows = {run: rows[run] for run in runs if run in rows}  # in grid order
+    if rows:
+        write_csv(os.path.join(sweep_dir, "results.csv"), list(rows.values()))
+    title = f"Sweep `{args.name}`" + (f", drop.py flags `{' '.join(passthrough)}`" if passthrough else "")
+    if args.report_only:
+        title += " (`--report-only`: the runs as they stand; each run's epochs are below)"
+    table = format_table(title, runs, rows, failed, args.bootstrap_resamples)
+    write_atomically(os.path.join(sweep_dir, "table.md"), table)
     plot_curves(os.path.join(sweep_dir, "curves.png"), runs, sweep_dir, record_data_scores(sweep_dir, prepared))
     print(table)
     if failed:

@@ -158,6 +158,20 @@ def test_rerun_trains_nothing(tiny_sweep, workdir, capsys, monkeypatch):
     assert [row["normalized_score"] for row in rows] == [row["normalized_score"] for row in tiny_sweep[0]]
 
 
+def test_report_only_tabulates_unfinished_runs_and_starts_nothing(tiny_sweep, workdir):
+    argv = GRID.copy()
+    argv[argv.index("--epochs") + 1] = "3"  # every run is now one epoch short of the plan
+    outputs = [*(workdir / "sweeps/tiny").glob("runs/*/checkpoint.pt"), *(workdir / "sweeps/tiny").glob("logs/*.log")]
+    before = {path: path.stat().st_mtime_ns for path in outputs}
+    rows = run_sweep([*argv, "--report-only"])
+    assert [row["epochs"] for row in rows] == [2] * 8
+    assert [row["normalized_score"] for row in rows] == [row["normalized_score"] for row in tiny_sweep[0]]
+    assert {path: path.stat().st_mtime_ns for path in outputs} == before
+    assert "--report-only" in (workdir / "sweeps/tiny/table.md").read_text().splitlines()[0]
+    with pytest.raises(SystemExit, match="no sweep 'elsewhere' here.*without --report-only"):
+        run_sweep(["--envs", *ENVS, "--name", "elsewhere", "--report-only"])
+
+
 @pytest.mark.parametrize("flag, old, new", [("--sac.hidden", "16", "32"), ("--dynamics.hidden", "8", "16")])
 def test_rerun_with_other_settings_is_refused(tiny_sweep, flag, old, new):
     """Finished runs and ensembles made with other flags would mix two experiments in one table."""
