@@ -234,6 +234,8 @@ def rollout(dynamics, agent, dice, start_obs, hp: TaskDefaults, args: Args, term
     summary["length_mean"] = len(stats["reward"]) / len(start_obs)
     summary["state_abs_max"] = state_abs_max.item()
     summary["bonus_fraction"] = (hp.eta * stats["penalty"] < 0).float().mean().item()
+    if "tau" in stats:  # the classifier's tau is exp(logit): heavy-tailed, so its mean says little and its median much
+        summary["tau_median"] = stats["tau"].median().item()
     if "tau" in stats and hp.clip is not None:
         summary["tau_below_clip"] = (stats["tau"] <= hp.clip[0]).float().mean().item()
         summary["tau_above_clip"] = (stats["tau"] >= hp.clip[1]).float().mean().item()
@@ -677,7 +679,7 @@ def main(args: Args):
             health = {"tau_data": progress.dice["tau_data_mean"]} if progress.dice else {}
             health.update(penalty=rollout_means["penalty_mean"], bonus=rollout_means["bonus_fraction"])
             if "tau_mean" in rollout_means:
-                health.update(tau_rollout=rollout_means["tau_mean"], below=rollout_means.get("tau_below_clip", 0.0), above=rollout_means.get("tau_above_clip", 0.0))
+                health.update(tau_rollout=rollout_means["tau_median"], below=rollout_means.get("tau_below_clip", 0.0), above=rollout_means.get("tau_above_clip", 0.0))
             progress = EpochProgress()
 
             final = epoch + 1 == hp.epochs

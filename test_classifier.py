@@ -134,7 +134,7 @@ def test_drop_trains_with_the_classifier_and_logs_the_ratios_health(hopper_file,
     assert scalars["dice/objective"][0] == pytest.approx(math.log(2))  # epoch 1: no rollout yet, ratio 1 everywhere
     assert scalars["dice/tau_data_mean"][0] == 1.0 and scalars["rollout/penalty_mean"][0] == 0.0
     assert scalars["dice/objective"][1] != pytest.approx(math.log(2))  # epoch 2 learned from epoch 1's rollouts
-    for tag in ("dice/tau_data_mean", "rollout/tau_mean", "rollout/tau_below_clip", "rollout/bonus_fraction"):
+    for tag in ("dice/tau_data_mean", "rollout/tau_mean", "rollout/tau_median", "rollout/tau_below_clip", "rollout/bonus_fraction"):
         assert len(scalars[tag]) == 2 and all(map(math.isfinite, scalars[tag])), tag
     # diagnostics.py rebuilds the run's classifier heads (its Fig. 2 then reads the classifier's penalty).
     import diagnostics

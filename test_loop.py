@@ -123,6 +123,7 @@ def test_untrusted_tau_gets_the_chosen_penalty_and_the_health_is_counted_per_sam
     assert summary["tau_below_clip"] == pytest.approx(share(elite == 0))
     assert summary["tau_above_clip"] == pytest.approx(share(elite == 2))
     assert summary["bonus_fraction"] == pytest.approx(share(penalty < 0))
+    assert summary["tau_median"] == TAU[elite].median().item()
     assert summary["penalty_mean"] == pytest.approx(penalty.mean().item(), abs=1e-5)
 
 
