@@ -125,6 +125,48 @@ def test_loss_is_the_logistic_loss_with_model_samples_as_label_one():
     assert classifier.ratio(x[0, :, :2], x[0, :, 2:]).allclose(torch.tensor(math.exp(0.5)))
 
 
+def test_the_classifier_defaults_to_the_dice_heads_width():
+    """docs/density-ratio.md: heads 64-64 like the DICE nets, Adam at 1e-3, 256 samples of each class a step. Catches a changed default."""
+    assert ClassifierConfig() == ClassifierConfig(hidden=64, lr=1e-3, batch_size=256)
+
+
+def test_each_step_is_a_balanced_batch_per_head_and_the_mean_loss_is_returned(monkeypatch):
+    """Per head and step, batch_size model samples and as many dataset samples (balanced classes, so the logit is
+    the log ratio with no prior term); the result is the mean of the steps' losses.
+
+    Catches: unbalanced batches, the last step's loss reported instead of the mean."""
+    import classifier as module
+
+    losses, shapes, original = [], [], module.classifier_loss
+    monkeypatch.setattr(module, "classifier_loss", lambda c, mo, ma, do, da: shapes.append((mo.shape, ma.shape, do.shape, da.shape)) or losses.append(original(c, mo, ma, do, da)) or losses[-1])
+    torch.manual_seed(0)
+    classifier = RatioClassifier(3, 2, 2, 8, torch.zeros(5), torch.ones(5))
+    member = torch.tensor([0, 1] * 50, dtype=torch.int8)
+    result = train_classifier(classifier, torch.optim.Adam(classifier.parameters(), lr=1e-2), torch.randn(100, 3) + 1, torch.randn(100, 2), member,
+                              torch.randn(300, 3), torch.randn(300, 2), steps=6, batch_size=16)
+    assert shapes == [((2, 16, 3), (2, 16, 2), (2, 16, 3), (2, 16, 2))] * 6
+    torch.testing.assert_close(result, torch.stack(losses).detach().mean(0))
+    assert not torch.allclose(losses[0], losses[-1])  # it learns, so the mean differs from the last step's
+
+
+def test_the_logit_does_not_depend_on_the_units_of_s_and_a():
+    """Standardised inputs: the same samples in other units (x 100 + 5), with their own statistics, train the same classifier.
+
+    Catches: raw inputs (Adam's steps, the same in every unit, would fit the two differently)."""
+    generator = torch.Generator().manual_seed(0)
+    model, data = torch.randn(2000, 3, generator=generator) + 1.0, torch.randn(2000, 3, generator=generator)
+    logits = []
+    for scale, shift in ((1.0, 0.0), (100.0, 5.0)):
+        m, d = model * scale + shift, data * scale + shift
+        torch.manual_seed(1)
+        classifier = RatioClassifier(2, 1, 1, 16, d.mean(0), d.std(0))
+        train_classifier(classifier, torch.optim.Adam(classifier.parameters(), lr=1e-2), m[:, :2], m[:, 2:], torch.zeros(2000, dtype=torch.int8), d[:, :2], d[:, 2:], 50, 64)
+        with torch.no_grad():
+            logits.append(classifier.logit(m[:200, :2], m[:200, 2:])[0])
+    assert logits[0].std() > 0.1
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-3, rtol=1e-3)
+
+
 def test_drop_trains_with_the_classifier_and_logs_the_ratios_health(hopper_file, tmp_path, monkeypatch):
     from test_drop import logged_scalars
 

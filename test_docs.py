@@ -182,3 +182,30 @@ def test_help_runs_and_knows_every_flag(key, helps):
             if not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w.-])", known):
                 unknown.append(f"{page}: {flag} in `{command}`")
     assert not unknown, "flags that --help does not list:\n" + "\n".join(unknown)
+
+
+def markdown_table(text: str, header: str) -> list[list[str]]:
+    """The rows of the table whose header line starts with `header`, as lists of stripped cells."""
+    lines = text.split("\n")
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_the_per_dataset_tables_are_the_ones_docs_defaults_md_documents():
+    """Every value of tasks.py's two tables, the DROP authors' configs and MOPO's, as docs/defaults.md lists
+    them (each transcribed from its source, named there). Catches a changed value on either side."""
+    from tasks import MOPO_DEFAULTS, TASK_DEFAULTS
+
+    text = (ROOT / "docs" / "defaults.md").read_text()
+    transforms = {"log": "log", "tanh(tau-1)": "tanh-shift", "tanh(tau)-tanh(1)": "tanh-offset"}
+    clip = lambda cell: None if cell == "none" else tuple(float(x) for x in cell.strip("[]").split(","))
+    documented = {row[0]: (int(row[1]), float(row[2]), int(row[3]), float(row[4]), float(row[5]), clip(row[6]), transforms[row[7]], int(row[8]))
+                  for row in markdown_table(text, "| dataset | h | eta |")}
+    in_code = {task: (d.horizon, d.eta, d.dice_steps, d.dice_lr, d.dice_lambda, d.clip, d.transform, d.epochs) for task, d in TASK_DEFAULTS.items()}
+    assert documented == in_code
+    assert {row[0]: (int(row[1]), float(row[2])) for row in markdown_table(text, "| dataset | h | lambda |")} == MOPO_DEFAULTS

@@ -107,6 +107,24 @@ def test_drop_stores_reward_minus_eta_times_the_penalty_of_the_producing_members
     assert torch.equal(rows["next_obs"], rows["obs"] + OFFSETS[member])
 
 
+class StateRatio:
+    """A ratio stand-in that depends on the state and the head: tau_g(s, a) = (g + 1) exp(s_0 / 8), inside the clip [0.01, 10] here."""
+
+    def ratio(self, obs, act):
+        return (obs[..., 0] / 8).exp() * torch.arange(1.0, 4.0)[:, None]
+
+
+def test_drop_reads_tau_at_the_state_the_action_was_taken_in():
+    """The penalty of a transition (s, a, s') is u(tau(s, a)): the occupancy ratio of the state-action the reward is for.
+
+    Catches: tau read at the next state s' (each member moves s_0 by 1 to 4), or with another elite's head."""
+    rows, _, _ = run_rollout("drop", StepEnsemble(stds=[0.0] * 4), StateRatio(), horizon=2)
+    elite = torch.tensor([ELITES.index(m) for m in member_of(rows).tolist()])
+    tau = (elite + 1) * (rows["obs"][:, 0] / 8).exp()
+    assert 0.01 < tau.min() and tau.max() < 10.0
+    assert torch.allclose(rows["rew"], REWARDS[member_of(rows)] - 2.5 * tau.log(), atol=1e-5)
+
+
 @pytest.mark.parametrize("below_clip, penalty_below", [("clip", math.log(0.01)), ("zero", 0.0), ("max", math.log(10.0))])
 def test_untrusted_tau_gets_the_chosen_penalty_and_the_health_is_counted_per_sample(below_clip, penalty_below):
     """Head 0's tau (0.001) is below the clip: its samples get log(s1), 0 or log(s2); the others keep log(clip(tau)).
@@ -221,6 +239,17 @@ def test_real_data_is_done_only_at_terminals_not_timeouts():
     assert torch.equal(buffer.next_obs, torch.as_tensor(data.next_observations))
 
 
+def test_the_loop_and_the_ensemble_default_to_the_mopo_code_the_authors_build_on():
+    """docs/defaults.md: 1000 SAC updates an epoch, a rollout of 50,000 dataset states every 1000, model data kept
+    5 epochs, 5% real data per batch; MBPO's ensemble (7 members of 4 x 200, 5 elites, its weight decays,
+    holdout and patience). Catches a changed default of any of them."""
+    args = drop.Args()
+    assert (args.steps_per_epoch, args.rollout_freq, args.rollout_batch_size, args.model_retain_epochs, args.real_ratio) == (1000, 1000, 50_000, 5, 0.05)
+    assert (args.penalty, args.ratio, args.halt_margin, args.eval_episodes) == ("drop", "dice", 0.1, 10)
+    assert DynamicsConfig() == DynamicsConfig(num_members=7, num_elites=5, hidden=200, lr=1e-3, batch_size=256, weight_decays=(2.5e-5, 5e-5, 7.5e-5, 7.5e-5, 1e-4),
+                                              logvar_bound_coef=0.01, logvar_bounds="shared", holdout_ratio=0.2, holdout_max=1000, patience=5, max_epochs=None)
+
+
 def test_model_buffer_keeps_retain_epochs_of_rollouts():
     args = drop.Args(rollout_batch_size=100, model_retain_epochs=5, steps_per_epoch=1000, rollout_freq=250)
     assert drop.model_buffer_capacity(args, horizon=5) == 100 * 5 * 5 * 4
@@ -236,11 +265,14 @@ def test_epoch_order_dice_then_rollout_then_updates_under_the_current_policy(hop
 
     Catches: DICE after the rollout it penalises (or after the updates, Algorithm 1's order), DICE on a stale
     copy of the policy, DICE skipped or trained only once, the pretraining dropped, rollouts at another rate,
-    real data left out of the batches in the loop itself.
+    real data left out of the batches in the loop itself, DICE's start states s0 other than the data's,
+    rollouts that start at fixed or non-data states, evaluation resets not seeded from the run's seed.
     """
     monkeypatch.chdir(tmp_path)
     events, agents = [], []
-    real_actions = torch.as_tensor(datasets.load_dataset("hopper-medium-v2", hopper_file).actions)
+    data = datasets.load_dataset("hopper-medium-v2", hopper_file)
+    real_obs, real_actions = torch.as_tensor(data.observations), torch.as_tensor(data.actions)
+    dice_data, rollout_starts = [], []
 
     class WatchedSAC(drop.SAC):
         def __init__(self, *a, **k):
@@ -260,24 +292,37 @@ def test_epoch_order_dice_then_rollout_then_updates_under_the_current_policy(hop
             torch.manual_seed(1)
             current = agents[0].actor(probe)[0]
         events.append(("dice", steps, torch.equal(given, current)))
+        dice_data.append(torch.equal(init_obs, real_obs) and torch.equal(obs, real_obs))
         return train_dice(dice, optimizer, obs, act, next_obs, init_obs, policy, steps, *rest)
 
-    def watched_rollout(*a, **k):
+    def watched_rollout(dynamics, agent, dice, start_obs, *a, **k):
         events.append(("rollout",))
-        return rollout(*a, **k)
+        rollout_starts.append(start_obs)
+        return rollout(dynamics, agent, dice, start_obs, *a, **k)
 
-    train_dice, rollout = drop.train_dice, drop.rollout
+    def watched_evaluate(actor, env, episodes, seed):
+        events.append(("evaluate", episodes, seed))
+        return evaluate(actor, env, episodes, seed)
+
+    train_dice, rollout, evaluate = drop.train_dice, drop.rollout, drop.evaluate
     monkeypatch.setattr(drop, "SAC", WatchedSAC)
     monkeypatch.setattr(drop, "train_dice", watched_train_dice)
     monkeypatch.setattr(drop, "rollout", watched_rollout)
+    monkeypatch.setattr(drop, "evaluate", watched_evaluate)
     argv = ["--env", "hopper-medium-v2", "--dataset", hopper_file, "--epochs", "2", "--steps-per-epoch", "6", "--rollout-freq", "3",
             "--dice-steps", "4", "--dice.pretrain-steps", "7", "--real-ratio", "0.25", "--sac.batch-size", "16", "--eval-every", "2",
             "--eval-episodes", "1", "--rollout-batch-size", "50", "--sac.hidden", "16", "--dice.hidden", "8", "--dynamics.num-members", "3",
-            "--dynamics.num-elites", "2", "--dynamics.hidden", "16", "--dynamics.max-epochs", "1", "--run-name", "order"]  # fmt: skip
+            "--dynamics.num-elites", "2", "--dynamics.hidden", "16", "--dynamics.max-epochs", "1", "--run-name", "order", "--seed", "3"]  # fmt: skip
     drop.main(tyro.cli(drop.Args, args=argv))
     update = ("update", 4)  # int(16 * 0.25) real rows
     epoch = [("dice", 4, True), ("rollout",), update, update, update, ("rollout",), update, update, update]
-    assert events == [("dice", 7, True), *epoch, *epoch]
+    assert events == [("dice", 7, True), *epoch, *epoch, ("evaluate", 1, 3000)]
+    # DICE's data and its start states s0 are the dataset's states; each rollout starts at 50 dataset states drawn anew.
+    assert dice_data == [True] * 3 and len(rollout_starts) == 4
+    for start_obs in rollout_starts:
+        rows = (start_obs[:, None, :] == real_obs[None]).all(-1).float().argmax(1)
+        assert torch.equal(start_obs, real_obs[rows]) and rows.max() > len(real_obs) // 2
+    assert not torch.equal(rollout_starts[0], rollout_starts[1])
 
 
 def test_return_bound_is_the_data_reward_plus_eta_times_the_largest_penalty_over_one_minus_gamma():
@@ -348,9 +393,11 @@ def test_rollouts_halt_as_terminations_where_a_state_leaves_the_widened_data_ran
     """Each dimension's range [lo, hi] of the data widens by margin x (hi - lo); outside it (or NaN) terminates, as the env's own terminations do.
 
     Catches: the margin ignored or taken of |hi| instead of the width, any() for all() (one
-    dimension outside is enough), the env's own terminations dropped, halting with no margin given.
+    dimension outside is enough), the env's own terminations dropped, halting with no margin given,
+    a range taken from part of the data.
     """
-    real_obs = torch.tensor([[0.0, 10.0, -1.0], [2.0, 20.0, 1.0]])  # ranges [0, 2], [10, 20], [-1, 1]
+    # Ranges [0, 2], [10, 20], [-1, 1], whose ends are the last two of 202 rows.
+    real_obs = torch.cat([torch.tensor([[1.0, 15.0, 0.0]]).expand(200, -1), torch.tensor([[0.0, 10.0, -1.0], [2.0, 20.0, 1.0]])])
     env_terminated = lambda s: s[:, 2] > 0.5
     drop.TERMINATION_FNS["test-robot"] = env_terminated
     try:

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from torch.distributions import Normal, TransformedDistribution
 from torch.distributions.transforms import TanhTransform
 
 from datasets import TanhGaussianPolicy
-from sac import SAC, Actor, Batch, SACConfig
+from sac import SAC, Actor, Batch, ReplayBuffer, SACConfig, evaluate
 
 torch.set_num_threads(1)
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -152,6 +153,85 @@ def test_q_mean_is_the_critics_mean_on_the_batch_before_the_step():
         expected = agent.critic(batch.obs, batch.act).mean()
     assert torch.allclose(agent.update(batch)["q_mean"], expected)
 
+
+
+def test_sac_starts_as_the_authors_softlearning_sac():
+    """softlearning's SAC, the DROP/MOPO code's: 256-256 nets, lr 3e-4 for actor, critics and alpha, gamma 0.99,
+    polyak 5e-3, batch 256, alpha starting at 1 with target entropy -|A|, targets starting equal to the critics.
+
+    Catches: any of these defaults changed, a target entropy of another size, log alpha not starting at 0, targets left at their own init."""
+    assert SACConfig() == SACConfig(hidden=256, actor_lr=3e-4, critic_lr=3e-4, alpha_lr=3e-4, gamma=0.99, polyak=5e-3, batch_size=256, log_std_min=-20.0, alpha_max=None)
+    torch.manual_seed(0)
+    agent = SAC(4, 3, SACConfig(hidden=16), torch.device("cpu"))
+    assert agent.target_entropy == -3.0 and agent.log_alpha.item() == 0.0
+    for name, value in agent.critic.state_dict().items():
+        assert torch.equal(agent.critic_target.state_dict()[name], value), name
+
+
+def test_the_temperature_gradient_is_the_entropy_gap_whatever_alpha_is():
+    """alpha's loss is -log alpha * (log pi + target entropy), so d/d log alpha = -(E[log pi] + target) at every alpha.
+
+    Catches: the loss on alpha itself (its gradient scales with alpha) and log pi's gradient not stopped."""
+    grads = []
+    for log_alpha in (0.0, 2.0):
+        agent = small_agent()
+        with torch.no_grad():
+            agent.log_alpha.fill_(log_alpha)
+        batch, before = batch_of(32, [0.0] * 32), copy.deepcopy(agent)
+        torch.manual_seed(3)
+        agent.update(batch)
+        torch.manual_seed(3)
+        before.td_target(batch, torch.tensor(1.0))  # the same draws as update's target, so the actor's sample below is update's
+        _, log_prob = before.actor(batch.obs)
+        grads.append(agent.log_alpha.grad.item())
+        assert grads[-1] == pytest.approx(-(log_prob.mean().item() + agent.target_entropy), rel=1e-5)
+    assert grads[0] == pytest.approx(grads[1], rel=1e-6)
+
+
+def test_the_buffer_samples_only_what_was_stored_and_wraps_around():
+    """Catches: sampling the empty rows beyond size, and a wrap that overwrites anything but the oldest rows."""
+    buffer = ReplayBuffer(capacity=10, obs_dim=1, act_dim=1, device=torch.device("cpu"))
+    rows = lambda values: [torch.tensor(values, dtype=torch.float32).view(-1, 1), torch.zeros(len(values), 1), torch.tensor(values, dtype=torch.float32),
+                           torch.zeros(len(values), 1), torch.zeros(len(values))]
+    buffer.add(*rows([1.0, 2.0, 3.0]))
+    torch.manual_seed(0)
+    assert set(buffer.sample(1000).rew.tolist()) == {1.0, 2.0, 3.0}
+    buffer.add(*rows([float(v) for v in range(4, 13)]))  # 12 rows in 10: 1 and 2 are overwritten by 11 and 12
+    assert buffer.size == 10 and sorted(buffer.rew.tolist()) == [float(v) for v in range(3, 13)]
+    assert set(buffer.sample(1000).rew.tolist()) == set(float(v) for v in range(3, 13))
+
+
+def test_evaluation_scales_the_deterministic_action_to_the_env_and_seeds_each_episode():
+    """The tanh policy acts in [-1, 1]; the env gets it times its action bound, each episode reset with seed + episode.
+
+    Catches: the action left unscaled (every MuJoCo env here has bound 1, so only another env shows it),
+    a stochastic evaluation, unseeded or equally seeded episodes, a return that misses a step."""
+    torch.manual_seed(0)
+    actor = Actor(3, 2, hidden=8)
+
+    class RecordingEnv:
+        action_space = types.SimpleNamespace(high=np.array([2.0, 0.5], dtype=np.float32))
+
+        def __init__(self):
+            self.resets, self.actions, self.obs = [], [], []
+
+        def reset(self, seed):
+            self.resets.append(seed)
+            self.steps = 0
+            self.obs.append(np.full(3, seed, dtype=np.float32))
+            return self.obs[-1], {}
+
+        def step(self, action):
+            self.actions.append(action)
+            self.steps += 1
+            self.obs.append(np.full(3, 0.1 * self.steps, dtype=np.float32))
+            return self.obs[-1], 1.0, False, self.steps == 4, {}
+
+    env = RecordingEnv()
+    returns = evaluate(actor, env, episodes=2, seed=7)
+    assert env.resets == [7, 8] and returns.tolist() == [4.0, 4.0]
+    seen = np.array([o for i, o in enumerate(env.obs) if i % 5 != 4])  # the states acted in: all but each episode's last
+    np.testing.assert_allclose(np.array(env.actions), actor.act(seen) * np.array([2.0, 0.5]), rtol=1e-6)
 
 @pytest.mark.slow
 def test_online_sac_learns_pendulum(tmp_path):
