@@ -171,7 +171,21 @@ def test_drop_trains_with_the_classifier_and_logs_the_ratios_health(hopper_file,
     from test_drop import logged_scalars
 
     monkeypatch.chdir(tmp_path)
-    drop.main(tyro.cli(drop.Args, args=["--env", "hopper-medium-v2", "--dataset", hopper_file, *TINY, "--ratio", "classifier", "--run-name", "classifier"]))
+    calls, train = [], drop.train_classifier
+    monkeypatch.setattr(drop, "train_classifier", lambda *a: calls.append(a) or train(*a))
+    flags = ["--ratio", "classifier", "--classifier.hidden", "16", "--classifier.lr", "3e-3", "--classifier.batch-size", "32"]
+    drop.main(tyro.cli(drop.Args, args=["--env", "hopper-medium-v2", "--dataset", hopper_file, *TINY, *flags, "--run-name", "classifier"]))
+    # Epoch 2 trains the heads (epoch 1 has no rollouts yet): positives are the model buffer, negatives the data,
+    # for the table's dice_steps, with the classifier's own width, learning rate, batch and the ensemble's input statistics.
+    data = datasets.load_dataset("hopper-medium-v2", hopper_file)
+    [(classifier, optimizer, model_obs, model_act, model_member, data_obs, data_act, steps, batch_size)] = calls
+    assert torch.equal(data_obs, torch.as_tensor(data.observations)) and torch.equal(data_act, torch.as_tensor(data.actions))
+    assert len(model_obs) >= 400 and not (model_act[:, None] == data_act[None]).all(-1).any()  # two rollouts of 200 starts, the policy's actions
+    assert set(model_member.tolist()) == {0, 1} and (steps, batch_size) == (5, 32)
+    assert optimizer.param_groups[0]["lr"] == 3e-3 and classifier.net.hidden[0].weight.shape[-1] == 16
+    checkpoint = torch.load(tmp_path / "runs" / "classifier" / "checkpoint.pt", weights_only=True)
+    ensemble = torch.load(checkpoint["dynamics_path"], weights_only=True)["state_dict"]
+    assert torch.equal(classifier.input_mean, ensemble["input_mean"]) and torch.equal(classifier.input_std, ensemble["input_std"])
     scalars = logged_scalars(str(tmp_path / "runs" / "classifier"))
     assert scalars["dice/objective"][0] == pytest.approx(math.log(2))  # epoch 1: no rollout yet, ratio 1 everywhere
     assert scalars["dice/tau_data_mean"][0] == 1.0 and scalars["rollout/penalty_mean"][0] == 0.0

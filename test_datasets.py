@@ -360,8 +360,11 @@ def test_builtin_medium_policy_scores_in_band(family):
     assert low <= score <= high, f"{family}-medium policy scores {score:.1f}, outside [{low}, {high}]"
 
 
-def test_normalized_score():
-    np.testing.assert_allclose(datasets.normalized_score("hopper", [-20.272305, 3234.3]), [0.0, 100.0])
+@pytest.mark.parametrize("family, random_return, expert_return", [("hopper", -20.272305, 3234.3), ("halfcheetah", -280.178953, 12135.0), ("walker2d", 1.629008, 4592.3)])
+def test_normalized_score(family, random_return, expert_return):
+    """D4RL's reference returns (d4rl/infos.py): the random policy scores 0, the expert 100, linear between."""
+    midway = (random_return + expert_return) / 2
+    np.testing.assert_allclose(datasets.normalized_score(family, [random_return, midway, expert_return]), [0.0, 50.0, 100.0])
     with pytest.raises(DatasetError, match="ant"):
         datasets.normalized_score("ant", [0.0])
 

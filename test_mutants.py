@@ -111,6 +111,13 @@ MUTANTS = [
     ("drop.py", "real_ratio default 0.5", "real_ratio: float = 0.05", "real_ratio: float = 0.5"),
     ("drop.py", "rollout batch default 5,000", "rollout_batch_size: int = 50_000", "rollout_batch_size: int = 5_000"),
     ("drop.py", "model_retain_epochs default 1", "model_retain_epochs: int = 5", "model_retain_epochs: int = 1"),
+    ("drop.py", "classifier loop: positives from the data", "model_buffer.obs[:size], model_buffer.act[:size], model_buffer.member[:size], real_obs, real_act", "real_obs[:size], real_act[:size], model_buffer.member[:size], real_obs, real_act"),
+    ("drop.py", "classifier loop: negatives from the model buffer", "model_buffer.obs[:size], model_buffer.act[:size], model_buffer.member[:size], real_obs, real_act", "model_buffer.obs[:size], model_buffer.act[:size], model_buffer.member[:size], model_buffer.obs[:size], model_buffer.act[:size]"),
+    ("drop.py", "classifier loop: one step an epoch", "real_obs, real_act, steps, args.classifier.batch_size)", "real_obs, real_act, 1, args.classifier.batch_size)"),
+    ("drop.py", "classifier loop: --classifier.lr ignored", "dice_opt = adam(dice.parameters(), args.classifier.lr, device)", "dice_opt = adam(dice.parameters(), 1e-4, device)"),
+    ("drop.py", "classifier loop: --classifier.batch-size ignored", "real_obs, real_act, steps, args.classifier.batch_size)", "real_obs, real_act, steps, 256)"),
+    ("drop.py", "classifier loop: --classifier.hidden ignored", "len(dynamics.elites), args.classifier.hidden, dynamics.input_mean", "len(dynamics.elites), 64, dynamics.input_mean"),
+    ("drop.py", "classifier loop: raw inputs, not the ensemble's statistics", "return RatioClassifier(obs_dim, act_dim, len(dynamics.elites), args.classifier.hidden, dynamics.input_mean, dynamics.input_std)", "return RatioClassifier(obs_dim, act_dim, len(dynamics.elites), args.classifier.hidden, torch.zeros_like(dynamics.input_mean), torch.ones_like(dynamics.input_std))"),
     ("sac.py", "SAC: target entropy -|A| / 2", "self.target_entropy = -float(act_dim)", "self.target_entropy = -float(act_dim) / 2"),
     ("sac.py", "SAC: gamma default 0.9", "gamma: float = 0.99", "gamma: float = 0.9"),
     ("sac.py", "SAC: alpha starts at e", "self.log_alpha = torch.zeros((), device=device, requires_grad=True)", "self.log_alpha = torch.ones((), device=device, requires_grad=True)"),
@@ -147,14 +154,19 @@ TESTS = {
 }
 
 
-def run_tests_on_a_copy(tmp_path, file: str, change) -> subprocess.CompletedProcess:
+def tests_for(file: str, breaks: str) -> list[str]:
+    """TESTS[file]; drop.py's classifier branch ("classifier loop: ...") is watched by test_classifier.py's tiny run."""
+    return TESTS[file] + (["test_classifier.py"] if breaks.startswith("classifier loop:") else [])
+
+
+def run_tests_on_a_copy(tmp_path, file: str, change, tests: list[str] | None = None) -> subprocess.CompletedProcess:
     for name in os.listdir(HERE):
         if name.endswith((".py", ".ini")):
             shutil.copy(os.path.join(HERE, name), tmp_path / name)
     os.symlink(os.path.join(HERE, "policies"), tmp_path / "policies")  # the built-in behaviour policies
     (tmp_path / file).write_text(change((tmp_path / file).read_text()))
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *TESTS[file]],
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *(tests or TESTS[file])],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -173,5 +185,5 @@ def test_mutant_is_caught(file, breaks, old, new, tmp_path):
         assert source.count(old) == 1, f"the mutant's text is no longer in {file}: update MUTANTS"
         return new(source) if callable(new) else source.replace(old, new)
 
-    result = run_tests_on_a_copy(tmp_path, file, mutate)
+    result = run_tests_on_a_copy(tmp_path, file, mutate, tests_for(file, breaks))
     assert result.returncode == 1, f"{breaks}: no test failed\n{result.stdout[-2000:]}"
