@@ -242,7 +242,7 @@ def rollout(dynamics, agent, dice, start_obs, hp: TaskDefaults, args: Args, term
     return summary
 
 
-PROGRESS_COLUMNS = ["epoch", "normalized_score", "normalized_score_std", "return", "wall_seconds", "penalty_mean", "rollout_tau_mean"]
+PROGRESS_COLUMNS = ["epoch", "normalized_score", "normalized_score_std", "return", "wall_seconds", "penalty_mean", "rollout_tau_mean", "rollout_tau_median"]
 
 
 def write_progress(path: str, rows: list[dict]):
@@ -252,7 +252,7 @@ def write_progress(path: str, rows: list[dict]):
     """
 
     def write(file):
-        writer = csv.DictWriter(file, PROGRESS_COLUMNS)
+        writer = csv.DictWriter(file, PROGRESS_COLUMNS, restval="nan")  # evaluations saved before a column existed lack it
         writer.writeheader()
         writer.writerows(rows)
 
@@ -689,7 +689,7 @@ def main(args: Args):
                 eval_history.append({
                     "epoch": epoch, "normalized_score": float(scores.mean()), "normalized_score_std": float(scores.std()), "return": float(returns.mean()),
                     "wall_seconds": round(time.perf_counter() - run_start, 1), "penalty_mean": rollout_means["penalty_mean"],
-                    "rollout_tau_mean": rollout_means.get("tau_mean", float("nan")),
+                    "rollout_tau_mean": rollout_means.get("tau_mean", float("nan")), "rollout_tau_median": rollout_means.get("tau_median", float("nan")),
                 })
                 for name in ("return", "normalized_score", "normalized_score_std"):
                     writer.add_scalar(f"eval/{name}", eval_history[-1][name], epoch)

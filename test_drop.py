@@ -102,12 +102,23 @@ def test_progress_csv_has_one_row_per_evaluation_matching_the_logs(runs, penalty
     assert all(0 <= v <= 1 for v in scalars["rollout/bonus_fraction"])
     if penalty == "drop":
         assert float(rows[-1]["rollout_tau_mean"]) == pytest.approx(scalars["rollout/tau_mean"][-1])
+        assert float(rows[-1]["rollout_tau_median"]) == pytest.approx(scalars["rollout/tau_median"][-1])
         assert len(scalars["dice/tau_data_mean"]) == 2
         assert all(0 <= v <= 1 for tag in ("rollout/tau_below_clip", "rollout/tau_above_clip") for v in scalars[tag])
     else:
-        assert math.isnan(float(rows[-1]["rollout_tau_mean"])) and "dice/tau_data_mean" not in scalars
+        assert math.isnan(float(rows[-1]["rollout_tau_mean"])) and math.isnan(float(rows[-1]["rollout_tau_median"])) and "dice/tau_data_mean" not in scalars
     if penalty == "none":
         assert scalars["rollout/bonus_fraction"] == [0.0] * 2  # one value per epoch (the mean of its rollouts)
+
+
+def test_progress_of_a_run_saved_before_a_column_existed_reads_nan_there(tmp_path):
+    """A resumed run rewrites progress.csv from its saved evaluations, which may lack the newer columns (rollout_tau_median)."""
+    import sweep
+
+    old = {"epoch": 9, "normalized_score": 40.0, "normalized_score_std": 1.0, "return": 5000.0, "wall_seconds": 9.0, "penalty_mean": 0.5, "rollout_tau_mean": 2.0}
+    drop.write_progress(str(tmp_path / "progress.csv"), [old, old | {"epoch": 19, "rollout_tau_median": 1.5}])
+    rows = sweep.read_progress(str(tmp_path))
+    assert math.isnan(rows[0]["rollout_tau_median"]) and rows[1]["rollout_tau_median"] == 1.5 and rows[1]["epoch"] == 19
 
 
 def test_penalties_differ(runs):
