@@ -154,7 +154,7 @@ TESTS = {
 }
 
 
-def tests_for(file: str, breaks: str) -> list[str]:
+def watching_tests(file: str, breaks: str) -> list[str]:
     """TESTS[file]; drop.py's classifier branch ("classifier loop: ...") is watched by test_classifier.py's tiny run."""
     return TESTS[file] + (["test_classifier.py"] if breaks.startswith("classifier loop:") else [])
 
@@ -185,5 +185,5 @@ def test_mutant_is_caught(file, breaks, old, new, tmp_path):
         assert source.count(old) == 1, f"the mutant's text is no longer in {file}: update MUTANTS"
         return new(source) if callable(new) else source.replace(old, new)
 
-    result = run_tests_on_a_copy(tmp_path, file, mutate, tests_for(file, breaks))
+    result = run_tests_on_a_copy(tmp_path, file, mutate, watching_tests(file, breaks))
     assert result.returncode == 1, f"{breaks}: no test failed\n{result.stdout[-2000:]}"
