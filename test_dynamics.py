@@ -313,6 +313,21 @@ def test_logvar_is_softly_bounded_between_min_and_max():
     torch.testing.assert_close(logvar[0, 0], torch.tensor([low, -4.0, -1.0, high]), atol=0.3, rtol=0)
 
 
+def holdout_rows(n: int, config: DynamicsConfig, seed: int) -> torch.Tensor:
+    """The rows train_ensemble holds out of n with `seed` (its first draw)."""
+    num_holdout = int(min(n * config.holdout_ratio, config.holdout_max))
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:num_holdout]
+
+
+def holdout_mse_of(model: ProbabilisticEnsemble, data: tuple[torch.Tensor, ...], seed: int) -> torch.Tensor:
+    """Each member's MSE on train_ensemble's holdout rows."""
+    obs, act, next_obs, rew = data
+    holdout = holdout_rows(len(obs), model.config, seed)
+    with torch.no_grad():
+        mean, _ = model(obs[holdout], act[holdout])
+    return ((mean - torch.cat([next_obs - obs, rew[:, None]], 1)[holdout]) ** 2).mean((1, 2))
+
+
 @pytest.fixture(scope="module")
 def spied_training():
     """train_ensemble on 300 random transitions whose first observation column is the row's index,
@@ -324,9 +339,7 @@ def spied_training():
     seen, loss = [], model.loss
     model.loss = lambda obs, act, targets: seen.append(obs[..., 0].long()) or loss(obs, act, targets)
     train_ensemble(model, obs, act, next_obs, rew, seed=seed, progress=False)
-    num_holdout = int(min(n * model.config.holdout_ratio, model.config.holdout_max))
-    holdout = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:num_holdout]  # train_ensemble's first draw
-    return model, (obs, act, next_obs, rew), torch.cat(seen, 1), holdout
+    return model, (obs, act, next_obs, rew), torch.cat(seen, 1), holdout_rows(n, model.config, seed)
 
 
 def test_holdout_transitions_are_never_trained_on(spied_training):
@@ -337,11 +350,8 @@ def test_holdout_transitions_are_never_trained_on(spied_training):
 
 
 def test_elites_are_the_members_with_the_lowest_holdout_mse(spied_training):
-    model, (obs, act, next_obs, rew), _, holdout = spied_training
-    with torch.no_grad():
-        mean, _ = model(obs[holdout], act[holdout])
-    target = torch.cat([next_obs - obs, rew[:, None]], 1)[holdout]
-    mse = ((mean - target) ** 2).mean((1, 2))
+    model, data, _, _ = spied_training
+    mse = holdout_mse_of(model, data, seed=7)  # the fixture's seed
     assert len(set(mse.tolist())) == 4  # distinct, so "the best two" is one answer
     assert model.elites.tolist() == mse.argsort()[:2].tolist()
 
@@ -355,16 +365,6 @@ def test_each_member_trains_on_its_own_bootstrap_sample(spied_training):
     distinct = [len(set(rows.tolist())) for rows in first_epoch]
     assert all(0.5 * 240 < d < 0.75 * 240 for d in distinct), distinct
     assert len({tuple(sorted(rows.tolist())) for rows in first_epoch}) == 4
-
-
-def holdout_mse_of(model: ProbabilisticEnsemble, data: tuple[torch.Tensor, ...], seed: int) -> torch.Tensor:
-    """Each member's MSE on train_ensemble's holdout rows (its first draw with `seed`)."""
-    obs, act, next_obs, rew = data
-    num_holdout = int(min(len(obs) * model.config.holdout_ratio, model.config.holdout_max))
-    holdout = torch.randperm(len(obs), generator=torch.Generator().manual_seed(seed))[:num_holdout]
-    with torch.no_grad():
-        mean, _ = model(obs[holdout], act[holdout])
-    return ((mean - torch.cat([next_obs - obs, rew[:, None]], 1)[holdout]) ** 2).mean((1, 2))
 
 
 def test_every_member_ends_with_its_best_holdout_weights():
