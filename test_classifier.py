@@ -173,14 +173,17 @@ def test_drop_trains_with_the_classifier_and_logs_the_ratios_health(hopper_file,
     monkeypatch.chdir(tmp_path)
     calls, train = [], drop.train_classifier
     monkeypatch.setattr(drop, "train_classifier", lambda *a: calls.append(a) or train(*a))
+    buffer_sizes, rollout = [], drop.rollout  # the model buffer's size after each rollout (its last argument)
+    monkeypatch.setattr(drop, "rollout", lambda *a: (rollout(*a), buffer_sizes.append(a[-1].size))[0])
     flags = ["--ratio", "classifier", "--classifier.hidden", "16", "--classifier.lr", "3e-3", "--classifier.batch-size", "32"]
-    drop.main(tyro.cli(drop.Args, args=["--env", "hopper-medium-v2", "--dataset", hopper_file, *TINY, *flags, "--run-name", "classifier"]))
+    drop.main(tyro.cli(drop.Args, args=["--env", "hopper-medium-v2", "--dataset", hopper_file, *TINY, *flags, "--rollout-batch-size", "600", "--run-name", "classifier"]))
     # Epoch 2 trains the heads (epoch 1 has no rollouts yet): positives are the model buffer, negatives the data,
     # for the table's dice_steps, with the classifier's own width, learning rate, batch and the ensemble's input statistics.
     data = datasets.load_dataset("hopper-medium-v2", hopper_file)
     [(classifier, optimizer, model_obs, model_act, model_member, data_obs, data_act, steps, batch_size)] = calls
     assert torch.equal(data_obs, torch.as_tensor(data.observations)) and torch.equal(data_act, torch.as_tensor(data.actions))
-    assert len(model_obs) >= 400 and not (model_act[:, None] == data_act[None]).all(-1).any()  # two rollouts of 200 starts, the policy's actions
+    assert len(model_obs) == buffer_sizes[1] > 1000  # every row of epoch 1's two rollouts of 600 starts, not a sample of them
+    assert not (model_act[:, None] == data_act[None]).all(-1).any()  # the policy's actions
     assert set(model_member.tolist()) == {0, 1} and (steps, batch_size) == (5, 32)
     assert optimizer.param_groups[0]["lr"] == 3e-3 and classifier.net.hidden[0].weight.shape[-1] == 16
     checkpoint = torch.load(tmp_path / "runs" / "classifier" / "checkpoint.pt", weights_only=True)

@@ -113,6 +113,7 @@ MUTANTS = [
     ("drop.py", "model_retain_epochs default 1", "model_retain_epochs: int = 5", "model_retain_epochs: int = 1"),
     ("drop.py", "classifier loop: positives from the data", "model_buffer.obs[:size], model_buffer.act[:size], model_buffer.member[:size], real_obs, real_act", "real_obs[:size], real_act[:size], model_buffer.member[:size], real_obs, real_act"),
     ("drop.py", "classifier loop: negatives from the model buffer", "model_buffer.obs[:size], model_buffer.act[:size], model_buffer.member[:size], real_obs, real_act", "model_buffer.obs[:size], model_buffer.act[:size], model_buffer.member[:size], model_buffer.obs[:size], model_buffer.act[:size]"),
+    ("drop.py", "classifier loop: positives capped at the buffer's first 1,000 rows", "size = model_buffer.size\n", "size = min(model_buffer.size, 1000)\n"),
     ("drop.py", "classifier loop: one step an epoch", "real_obs, real_act, steps, args.classifier.batch_size)", "real_obs, real_act, 1, args.classifier.batch_size)"),
     ("drop.py", "classifier loop: --classifier.lr ignored", "dice_opt = adam(dice.parameters(), args.classifier.lr, device)", "dice_opt = adam(dice.parameters(), 1e-4, device)"),
     ("drop.py", "classifier loop: --classifier.batch-size ignored", "real_obs, real_act, steps, args.classifier.batch_size)", "real_obs, real_act, steps, 256)"),
