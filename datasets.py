@@ -119,6 +119,13 @@ class OfflineDataset:
         """Undiscounted return of each finished episode."""
         return np.array([self.rewards[episode].sum(dtype=np.float64) for episode in self.episode_slices()])
 
+    def transitions_sha256(self) -> str:
+        """Fingerprint of the transitions the dynamics learn from: the same bytes give the same ensemble."""
+        digest = hashlib.sha256()
+        for array in (self.observations, self.actions, self.next_observations, self.rewards):
+            digest.update(np.ascontiguousarray(array, dtype=np.float32).data)
+        return digest.hexdigest()
+
 
 def _one_line(error: BaseException) -> str:
     """A library's error text squeezed onto one line, for our one-line messages."""
@@ -801,6 +808,7 @@ def _print_info(data: OfflineDataset) -> None:
         print(f"score:       mean {scores.mean():.1f}, min {scores.min():.1f}, max {scores.max():.1f} {score_label}")
     print(f"source:      {data.source}")
     print(f"path:        {data.path}")
+    print(f"sha256:      {data.transitions_sha256()} (of the transitions; an ensemble file records the one it was trained on)")
     for key, value in data.provenance.items():
         print(f"  {key}: {value}")
 

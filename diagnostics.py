@@ -106,7 +106,7 @@ def load_run(run_dir: str) -> Run:
     # load_ensemble refuses an ensemble of another robot than the dataset's (a foreign checkpoint's).
     if not os.path.isfile(path):
         raise SystemExit(f"error: the dynamics file of {run_dir} is gone ({path}); the diagnostics need the ensemble the run was trained with")
-    dynamics = load_ensemble(path, data.family, data.obs_dim, data.act_dim, torch.device("cpu")).requires_grad_(False)
+    dynamics = load_ensemble(path, data.family, data.obs_dim, data.act_dim, torch.device("cpu"), data.transitions_sha256()).requires_grad_(False)
     dice = None
     if checkpoint["dice"] is not None:
         dice = drop.build_ratio(args, data.obs_dim, data.act_dim, dynamics)

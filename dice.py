@@ -309,7 +309,7 @@ def main(args: Args):
     config = resolve(args.dice)
     hp = task_defaults(data.task)
     hp = replace(hp, dice_lr=args.lr or hp.dice_lr, dice_lambda=config.lam if config.lam is not None else hp.dice_lambda)
-    dynamics = load_ensemble(args.dynamics_path, data.family, data.obs_dim, data.act_dim, device)
+    dynamics = load_ensemble(args.dynamics_path, data.family, data.obs_dim, data.act_dim, device, data.transitions_sha256())
     if policy_file is None:
         sample_action = uniform_policy(data.act_dim)
     else:

@@ -452,14 +452,6 @@ def refuse_changes(saved: Args, args: Args):
         raise SystemExit(f"error: {flags} would change the run that --resume continues; only --seed, the learning rates, --epochs, --device and --track may change (start a new run for the rest)")
 
 
-def dataset_sha256(data: OfflineDataset) -> str:
-    """Fingerprint of the transitions the dynamics learn from: the same bytes give the same ensemble."""
-    digest = hashlib.sha256()
-    for array in (data.observations, data.actions, data.next_observations, data.rewards):
-        digest.update(np.ascontiguousarray(array, dtype=np.float32).data)
-    return digest.hexdigest()
-
-
 def dynamics_cache_file(data: OfflineDataset, data_sha256: str, config: DynamicsConfig, seed: int) -> str:
     """Where the ensemble for this data, dynamics configuration and seed lives in $DROP_CACHE_DIR."""
     cache_dir = os.environ.get("DROP_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "drop", "dynamics")
@@ -470,7 +462,7 @@ def dynamics_cache_file(data: OfflineDataset, data_sha256: str, config: Dynamics
 def trained_dynamics(args: Args, data: OfflineDataset, real: ReplayBuffer, data_sha256: str, run_dir: str, device: torch.device) -> tuple[ProbabilisticEnsemble, str]:
     """The frozen ensemble and its file: --dynamics-path, else the cache (trained into it on a miss), else trained into the run."""
     if args.dynamics_path:
-        return load_ensemble(args.dynamics_path, data.family, data.obs_dim, data.act_dim, device), os.path.abspath(args.dynamics_path)
+        return load_ensemble(args.dynamics_path, data.family, data.obs_dim, data.act_dim, device, data_sha256), os.path.abspath(args.dynamics_path)
 
     def train(path: str) -> ProbabilisticEnsemble:
         from torch.utils.tensorboard import SummaryWriter
@@ -481,7 +473,7 @@ def trained_dynamics(args: Args, data: OfflineDataset, real: ReplayBuffer, data_
         with SummaryWriter(os.path.join(run_dir, "dynamics")) as writer:  # its own folder, so a resume's purge cannot touch it
             for epoch, mse in enumerate(history):
                 writer.add_scalar("dynamics/holdout_mse", mse, epoch)
-        save_ensemble(dynamics, path, data.family)
+        save_ensemble(dynamics, path, data.family, data_sha256)
         return dynamics
 
     if args.no_dynamics_cache:
@@ -493,7 +485,7 @@ def trained_dynamics(args: Args, data: OfflineDataset, real: ReplayBuffer, data_
     with exclusive_lock(path + ".lock", f"waiting for another run that is training the same ensemble into {path}"):
         if os.path.isfile(path):
             print(f"reusing the trained ensemble {path} (same data, dynamics config and seed; --no-dynamics-cache to retrain)")
-            return load_ensemble(path, data.family, data.obs_dim, data.act_dim, device), path
+            return load_ensemble(path, data.family, data.obs_dim, data.act_dim, device, data_sha256), path
         return train(path), path
 
 
@@ -546,7 +538,7 @@ def main(args: Args):
         data = load_dataset(args.env, args.dataset)
     except DatasetError as e:
         raise SystemExit(f"error: {e}")
-    data_sha256 = dataset_sha256(data)
+    data_sha256 = data.transitions_sha256()
     if checkpoint is not None and checkpoint.get("data_sha256", data_sha256) != data_sha256:
         raise SystemExit(f"error: the dataset {data.path} changed since {args.resume} started; resume needs the same data")
     hp = task_hyperparameters(args, data.task)
@@ -568,7 +560,7 @@ def main(args: Args):
         dynamics_path = checkpoint["dynamics_path"]
         if not os.path.isfile(dynamics_path):
             raise SystemExit(f"error: {dynamics_path}, the ensemble this run trained with, is gone; put it back to resume (a new run trains or reuses one)")
-        dynamics = load_ensemble(dynamics_path, data.family, data.obs_dim, data.act_dim, device)
+        dynamics = load_ensemble(dynamics_path, data.family, data.obs_dim, data.act_dim, device, data_sha256)
     else:
         dynamics, dynamics_path = trained_dynamics(args, data, real, data_sha256, run_dir, device)
     dynamics.requires_grad_(False)

@@ -12,6 +12,7 @@ can share one model:
 import copy
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -260,14 +261,16 @@ def train_ensemble(model: ProbabilisticEnsemble, obs: torch.Tensor, act: torch.T
     return history
 
 
-def save_ensemble(model: ProbabilisticEnsemble, path: str, family: str):
-    """Atomic save: weights, config and what they were trained for."""
-    payload = {"state_dict": model.state_dict(), "config": asdict(model.config), "family": family, "obs_dim": model.obs_dim, "act_dim": model.act_dim}
+def save_ensemble(model: ProbabilisticEnsemble, path: str, family: str, data_sha256: str):
+    """Atomic save: weights, config, what they were trained for and on (OfflineDataset.transitions_sha256)."""
+    payload = {"state_dict": model.state_dict(), "config": asdict(model.config), "family": family, "obs_dim": model.obs_dim, "act_dim": model.act_dim,
+               "data_sha256": data_sha256}  # fmt: skip
     atomic_save(payload, path)
 
 
-def load_ensemble(path: str, family: str, obs_dim: int, act_dim: int, device: torch.device) -> ProbabilisticEnsemble:
-    """Load a saved ensemble, refusing one trained for another env or observation size."""
+def load_ensemble(path: str, family: str, obs_dim: int, act_dim: int, device: torch.device, data_sha256: str | None = None) -> ProbabilisticEnsemble:
+    """Load a saved ensemble, refusing one trained for another env or observation size, and warning
+    when it was trained on other transitions than data_sha256's (files from before they recorded it say nothing)."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: dynamics file {path} does not exist; train one with `python dynamics.py --env ...`")
     try:
@@ -277,6 +280,11 @@ def load_ensemble(path: str, family: str, obs_dim: int, act_dim: int, device: to
         raise SystemExit(f"error: {path} is not a dynamics file saved by dynamics.py ({type(e).__name__}: {e})")
     if saved != (family, obs_dim, act_dim):
         raise SystemExit(f"error: {path} was trained for {saved[0]} (obs {saved[1]}, act {saved[2]}), not {family} (obs {obs_dim}, act {act_dim}); retrain it for this env")
+    trained_on = payload.get("data_sha256")
+    if data_sha256 is not None and trained_on is not None and trained_on != data_sha256:
+        # A warning, not an error: a built-in dataset collected on another machine can differ (docs/long-runs.md).
+        print(f"warning: {path} was trained on other transitions than this dataset's (sha256 {trained_on[:12]}, here {data_sha256[:12]}): "
+              f"its errors and uncertainty are not this data's; retrain it with `python dynamics.py` if that is not what you want", file=sys.stderr)
     config = payload["config"]
     config.setdefault("logvar_bounds", "per-member")  # files from before the option had one pair per member
     config["weight_decays"] = tuple(config["weight_decays"])
@@ -334,7 +342,7 @@ def main(args: Args):
     device = pick_device(args.device)
     as_tensor = lambda x: torch.as_tensor(x, dtype=torch.float32, device=device)
     if args.inspect:
-        model = load_ensemble(args.inspect, data.family, data.obs_dim, data.act_dim, device)
+        model = load_ensemble(args.inspect, data.family, data.obs_dim, data.act_dim, device, data.transitions_sha256())
         generator = torch.Generator(device=device).manual_seed(args.seed)
         rows = torch.randperm(len(data.observations), generator=generator, device=device)[:4000]
         r = uncertainty_report(model, as_tensor(data.observations)[rows], as_tensor(data.actions)[rows], generator)
@@ -346,7 +354,7 @@ def main(args: Args):
     path = args.out or os.path.join("runs", f"dynamics__{data.name.replace('/', '_')}__{args.seed}__{int(time.time())}", "dynamics.pt")
     history = train_ensemble(model, as_tensor(data.observations), as_tensor(data.actions), as_tensor(data.next_observations), as_tensor(data.rewards), args.seed,
                              resume_path=path + TRAINING_STATE_SUFFIX)
-    save_ensemble(model, path, data.family)
+    save_ensemble(model, path, data.family, data.transitions_sha256())
     print(f"trained {len(history)} epochs, holdout MSE {history[0]:.4f} -> {history[-1]:.4f}; elites {model.elites.tolist()}; saved {path}")
 
 

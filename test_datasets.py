@@ -477,6 +477,7 @@ def test_cli_collect_then_info(tmp_path, capsys):
     assert "task:        hopper-expert" in printed
     assert "D4RL-normalised, eval env Hopper-v4" in printed
     assert "seed: 5" in printed
+    assert f"sha256:      {datasets.load_dataset('hopper-expert-v2', str(out)).transitions_sha256()} " in printed
 
 
 def test_concat_joins_files_row_by_row_with_infos_and_cuts_between_them(tmp_path, capsys):

@@ -156,6 +156,16 @@ def test_dynamics_from_another_env_is_refused(runs, tmp_path):
     assert_one_line_error(result, "hopper", "walker2d")
 
 
+def test_dynamics_trained_on_other_transitions_are_used_with_a_warning(runs, tmp_path):
+    """The same robot, other data (a built-in dataset collected on another machine can differ): the run goes on and says so."""
+    other = tmp_path / "other.hdf5"
+    datasets.collect("Hopper-v4", "random", 300, seed=1, out=other)
+    hopper_dynamics = torch.load(runs / "runs" / "drop" / "checkpoint.pt", weights_only=True)["dynamics_path"]
+    result = run_script(os.path.join(HERE, "drop.py"), "--env", "hopper-medium-v2", "--dataset", str(other), "--dynamics-path", hopper_dynamics, *TINY, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert [line for line in result.stderr.splitlines() if "other transitions" in line and hopper_dynamics in line]
+
+
 def test_unknown_env_lists_valid_names(tmp_path):
     result = run_script(os.path.join(HERE, "drop.py"), "--env", "hopper-mediocre-v2", cwd=tmp_path)
     assert_one_line_error(result, "hopper-mediocre-v2", "hopper-medium-v2", "builtin-hopper-random")

@@ -519,7 +519,7 @@ def test_save_and_load_give_identical_predictions(trained, hopper_data, tmp_path
     """A reloaded ensemble has the same elites and normalisation and predicts bit for bit the same."""
     model, _ = trained
     path = str(tmp_path / "sub" / "dynamics.pt")
-    save_ensemble(model, path, "hopper")
+    save_ensemble(model, path, "hopper", "0" * 64)
     loaded = load_ensemble(path, "hopper", model.obs_dim, model.act_dim, torch.device("cpu"))
     assert loaded.config == model.config
     assert torch.equal(loaded.elites, model.elites)
@@ -541,11 +541,29 @@ def test_load_refuses_a_model_for_another_env(trained, tmp_path, family, obs_dim
     """Loading for another family or observation/action size exits with a message naming both."""
     model, _ = trained
     path = str(tmp_path / "dynamics.pt")
-    save_ensemble(model, path, "hopper")
+    save_ensemble(model, path, "hopper", "0" * 64)
     with pytest.raises(SystemExit) as exc:
         load_ensemble(path, family, obs_dim, act_dim, torch.device("cpu"))
     for word in words:
         assert word in str(exc.value)
+
+
+def test_load_warns_in_one_line_when_the_ensemble_was_trained_on_other_transitions(trained, tmp_path, capsys):
+    """The file records the sha256 of its training transitions; loading it for other data warns, naming both."""
+    model, _ = trained
+    path = str(tmp_path / "dynamics.pt")
+    save_ensemble(model, path, "hopper", "a" * 64)
+    assert torch.load(path, weights_only=True)["data_sha256"] == "a" * 64
+    load_ensemble(path, "hopper", model.obs_dim, model.act_dim, torch.device("cpu"), "a" * 64)
+    assert capsys.readouterr().err == ""
+    load_ensemble(path, "hopper", model.obs_dim, model.act_dim, torch.device("cpu"), "b" * 64)
+    warning = capsys.readouterr().err
+    assert warning.count("\n") == 1 and "other transitions" in warning and "a" * 12 in warning and "b" * 12 in warning
+    legacy = torch.load(path, weights_only=True)
+    del legacy["data_sha256"]  # ensembles saved before the record: nothing to compare
+    torch.save(legacy, path)
+    load_ensemble(path, "hopper", model.obs_dim, model.act_dim, torch.device("cpu"), "b" * 64)
+    assert capsys.readouterr().err == ""
 
 
 def test_load_refuses_missing_and_foreign_files(tmp_path):

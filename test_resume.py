@@ -204,7 +204,7 @@ def test_two_runs_on_the_same_key_at_once_train_once_and_both_finish(hopper_file
     argv = ["--env", "hopper-medium-v2", "--dataset", hopper_file, *TINY]
     args = tyro.cli(drop.Args, args=argv)
     data = datasets.load_dataset(args.env, args.dataset)
-    cache_file = drop.dynamics_cache_file(data, drop.dataset_sha256(data), args.dynamics, args.seed)
+    cache_file = drop.dynamics_cache_file(data, data.transitions_sha256(), args.dynamics, args.seed)
     os.makedirs(os.path.dirname(cache_file))
     with open(cache_file + ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
