@@ -71,6 +71,8 @@ class Args:
     """MuJoCo steps from each of them (an episode that terminates ends earlier)"""
     separation_steps: int = 2000
     """Adam steps of each fresh classifier of model-buffer against dataset samples (0: no separation)"""
+    fig3: bool = True
+    """draw fig3.png (--no-fig3 skips the UMAP, most of the command's time and a numba compile on first use)"""
 
 
 @dataclass
@@ -488,15 +490,16 @@ def main(args: Args):
         times["fig2"] = time.perf_counter() - tick
 
         # Fig. 3: the data support and where the rollout samples fall in it.
-        tick = time.perf_counter()
-        print(f"UMAP on {min(UMAP_FIT_SAMPLES, len(rows))} dataset state-actions (numba compiles for about a minute on first use)")
-        data_sa = np.concatenate([run.data.observations[rows], run.data.actions[rows]], 1)[:UMAP_FIT_SAMPLES]
-        rollout = sets["rollout"]
-        shown = rng.permutation(len(rollout["error"]))[:SUPPORT_SAMPLES]
-        data_xy, support_xy = umap_embeddings(run, data_sa, np.concatenate([rollout["obs"], rollout["act"]], 1)[shown], args.seed)
-        support_penalties = {name: values["penalty"][shown] for name, values in rollout["penalties"].items()}
-        plot_fig3(data_xy, support_xy, support_penalties, os.path.join(out, "fig3.png"), title + ("\n" + notes[0] if run.dice is None else ""))
-        times["fig3"] = time.perf_counter() - tick
+        if args.fig3:
+            tick = time.perf_counter()
+            print(f"UMAP on {min(UMAP_FIT_SAMPLES, len(rows))} dataset state-actions (numba compiles for about a minute on first use)")
+            data_sa = np.concatenate([run.data.observations[rows], run.data.actions[rows]], 1)[:UMAP_FIT_SAMPLES]
+            rollout = sets["rollout"]
+            shown = rng.permutation(len(rollout["error"]))[:SUPPORT_SAMPLES]
+            data_xy, support_xy = umap_embeddings(run, data_sa, np.concatenate([rollout["obs"], rollout["act"]], 1)[shown], args.seed)
+            support_penalties = {name: values["penalty"][shown] for name, values in rollout["penalties"].items()}
+            plot_fig3(data_xy, support_xy, support_penalties, os.path.join(out, "fig3.png"), title + ("\n" + notes[0] if run.dice is None else ""))
+            times["fig3"] = time.perf_counter() - tick
 
         # Drift: the policy in MuJoCo past the h model steps that training sees.
         drift, drift_stats = {}, None
@@ -529,9 +532,12 @@ def main(args: Args):
         np.savez_compressed(os.path.join(out, "samples.npz"), **sample_arrays(sets), **{f"drift/{name}": values for name, values in drift.items()})
         final = os.path.join(run_dir, "diagnostics")
         os.makedirs(final, exist_ok=True)
-        written = ["fig2.png", "fig3.png", *(["drift.png"] if drift else []), "diagnostics.json", "samples.npz"]
+        written = ["fig2.png", *(["fig3.png"] if args.fig3 else []), *(["drift.png"] if drift else []), "diagnostics.json", "samples.npz"]
         for name in written:
             os.replace(os.path.join(out, name), os.path.join(final, name))
+        for name in {"fig3.png", "drift.png"} - set(written):  # an earlier command's figure would pass for this checkpoint's
+            if os.path.exists(os.path.join(final, name)):
+                os.remove(os.path.join(final, name))
     finally:
         shutil.rmtree(out, ignore_errors=True)
 

@@ -353,3 +353,21 @@ def test_impossible_settings_are_refused_in_one_line_before_anything_loads(setti
     with pytest.raises(SystemExit, match="^error: ") as error:
         diagnostics.main(diagnostics.Args(str(tmp_path / "no-run"), **settings))
     assert words in str(error.value) and "\n" not in str(error.value)
+
+
+def test_figures_skipped_are_not_computed_and_no_stale_one_stays(runs, tmp_path, monkeypatch):
+    """--no-fig3 never runs the UMAP, and --no-fig3 --drift-starts 0 leaves no fig3.png or drift.png of an earlier command."""
+    folder = broken_copy(runs, tmp_path, lambda f, c: None)
+    earlier = tmp_path / "run" / "diagnostics"
+    earlier.mkdir()
+    for name in ("fig3.png", "drift.png", "fig2.png"):
+        (earlier / name).write_bytes(b"an earlier command's figure")
+
+    def failing_umap(*args):
+        raise AssertionError("the UMAP ran under --no-fig3")
+
+    monkeypatch.setattr(diagnostics, "umap_embeddings", failing_umap)
+    diagnostics.main(diagnostics.Args(folder, samples=50, fig3=False, drift_starts=0, separation_steps=0))
+    assert sorted(p.name for p in earlier.iterdir()) == ["diagnostics.json", "fig2.png", "samples.npz"]
+    assert (earlier / "fig2.png").read_bytes().startswith(b"\x89PNG")
+    assert "fig3" not in json.loads((earlier / "diagnostics.json").read_text())["times_s"]
