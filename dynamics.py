@@ -10,6 +10,7 @@ can share one model:
 """
 
 import copy
+import hashlib
 import json
 import os
 import sys
@@ -173,6 +174,15 @@ def transition_targets(obs: torch.Tensor, next_obs: torch.Tensor, rew: torch.Ten
 TRAINING_STATE_SUFFIX = ".training"
 
 
+def training_fingerprint(inputs: torch.Tensor, targets: torch.Tensor, config: DynamicsConfig, seed: int) -> str:
+    """What a stopped training must match to go on: the data's exact bytes (a float sum of them
+    changes in its last bit with the thread count), the settings and the seed."""
+    digest = hashlib.sha256()
+    for tensor in (inputs, targets):
+        digest.update(tensor.detach().cpu().contiguous().numpy().data)
+    return json.dumps([digest.hexdigest(), asdict(config), seed])
+
+
 def saved_training(path: str | None, fingerprint: str, device: torch.device) -> dict | None:
     """The state a stopped training left at `path`, if it trained on the same data, settings and seed."""
     if path is None or not os.path.isfile(path):
@@ -218,7 +228,7 @@ def train_ensemble(model: ProbabilisticEnsemble, obs: torch.Tensor, act: torch.T
     best = holdout_mse()
     best_state = copy.deepcopy(model.state_dict())
     history, epochs_since_update = [], 0
-    fingerprint = json.dumps([len(inputs), inputs.double().sum().item(), targets.double().sum().item(), asdict(config), seed])
+    fingerprint = training_fingerprint(inputs, targets, config, seed)
     saved = saved_training(resume_path, fingerprint, device)
     if saved is not None:
         model.load_state_dict(saved["model"])

@@ -30,6 +30,7 @@ from dynamics import (
     load_ensemble,
     save_ensemble,
     train_ensemble,
+    training_fingerprint,
     uncertainty_report,
 )
 from nets import EnsembleLinear, EnsembleMLP
@@ -432,6 +433,22 @@ def test_a_saved_state_for_other_data_or_seed_is_not_resumed(tmp_path, capsys):
     history = train_ensemble(stopped, *data, seed=3, progress=False, resume_path=state_file)
     assert "was written for other data, settings or seed" in capsys.readouterr().out
     assert history == train_ensemble(model, *data, seed=3, progress=False)
+
+
+def test_the_training_fingerprint_is_the_datas_bytes_not_a_sum_of_them():
+    """Two rows swapped keep every sum but are other data; the thread count changes no byte.
+    (A double sum of halfcheetah's 200k inputs differed in its last bit between 1 and 2 threads,
+    so a resume with another OMP_NUM_THREADS trained from the start.)"""
+    inputs, targets = torch.arange(40.0).reshape(10, 4), torch.arange(30.0).reshape(10, 3)  # integers: every sum exact
+    config, fingerprint = DynamicsConfig(), training_fingerprint(inputs, targets, DynamicsConfig(), 0)
+    assert training_fingerprint(inputs[[1, 0, *range(2, 10)]], targets, config, 0) != fingerprint
+    assert training_fingerprint(inputs, targets, config, 1) != fingerprint
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert training_fingerprint(inputs.clone(), targets.clone(), config, 0) == fingerprint
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------
