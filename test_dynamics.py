@@ -440,7 +440,8 @@ def test_the_training_fingerprint_is_the_datas_bytes_not_a_sum_of_them():
     (A double sum of halfcheetah's 200k inputs differed in its last bit between 1 and 2 threads,
     so a resume with another OMP_NUM_THREADS trained from the start.)"""
     inputs, targets = torch.arange(40.0).reshape(10, 4), torch.arange(30.0).reshape(10, 3)  # integers: every sum exact
-    config, fingerprint = DynamicsConfig(), training_fingerprint(inputs, targets, DynamicsConfig(), 0)
+    config = DynamicsConfig()
+    fingerprint = training_fingerprint(inputs, targets, config, 0)
     assert training_fingerprint(inputs[[1, 0, *range(2, 10)]], targets, config, 0) != fingerprint
     assert training_fingerprint(inputs, targets, config, 1) != fingerprint
     threads = torch.get_num_threads()
