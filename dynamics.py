@@ -362,8 +362,11 @@ def main(args: Args):
         return
     model = ProbabilisticEnsemble(data.obs_dim, data.act_dim, args.dynamics).to(device)
     path = args.out or os.path.join("runs", f"dynamics__{data.name.replace('/', '_')}__{args.seed}__{int(time.time())}", "dynamics.pt")
-    history = train_ensemble(model, as_tensor(data.observations), as_tensor(data.actions), as_tensor(data.next_observations), as_tensor(data.rewards), args.seed,
-                             resume_path=path + TRAINING_STATE_SUFFIX)
+    try:
+        history = train_ensemble(model, as_tensor(data.observations), as_tensor(data.actions), as_tensor(data.next_observations), as_tensor(data.rewards), args.seed,
+                                 resume_path=path + TRAINING_STATE_SUFFIX)
+    except KeyboardInterrupt:  # Ctrl-C is how a long training is paused, so it gets a line, not a traceback
+        raise SystemExit(f"stopped: the finished epochs are saved in {path + TRAINING_STATE_SUFFIX}; the same command goes on from them") from None
     save_ensemble(model, path, data.family, data.transitions_sha256())
     print(f"trained {len(history)} epochs, holdout MSE {history[0]:.4f} -> {history[-1]:.4f}; elites {model.elites.tolist()}; saved {path}")
 

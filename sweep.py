@@ -372,6 +372,21 @@ def result_row(run: Run, sweep_dir: str) -> dict:
     }  # fmt: skip
 
 
+def kept_rows(sweep_dir: str, runs: list[Run]) -> dict[Run, dict]:
+    """The rows that the sweep's last results.csv holds for these runs. A run folder does not outlive
+    its machine, results.csv does: copied back beside the folders that are left, it keeps the lost runs in the report."""
+    path = os.path.join(sweep_dir, "results.csv")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as file:
+        recorded = {row["run_dir"]: row for row in csv.DictReader(file)}
+    as_number = lambda key, value: value if key in ("dataset", "penalty", "host", "run_dir") else int(value) if key in ("seed", "epochs") else float(value)
+    return {
+        run: {key: as_number(key, value) for key, value in recorded[run_dir].items()}
+        for run in runs if (run_dir := os.path.join("runs", run.name)) in recorded
+    }  # fmt: skip
+
+
 def critic_columns(health: dict | None) -> dict:
     """SAC's largest epoch-mean critic loss and alpha, and the epoch (1-based) since which the critic diverged (0: never); NaN for checkpoints from before drop.py kept them."""
     if health is None:
@@ -604,9 +619,11 @@ def main(args: Args, passthrough: list[str]) -> list[dict]:
         if not os.path.isdir(sweep_dir):
             raise SystemExit(f"error: --report-only: there is no sweep {args.name!r} here ({sweep_dir}); run it first without --report-only")
         rows = {run: result_row(run, sweep_dir) for run in runs if os.path.isfile(os.path.join(sweep_dir, "runs", run.name, "checkpoint.pt"))}
+        kept = {run: row for run, row in kept_rows(sweep_dir, runs).items() if run not in rows}  # a run's own folder wins
+        rows |= kept
         failed, prepared = [], {}
     else:
-        rows, failed, prepared = run_grid(args, passthrough, runs, sweep_dir)
+        (rows, failed, prepared), kept = run_grid(args, passthrough, runs, sweep_dir), {}
 
     rows = {run: rows[run] for run in runs if run in rows}  # in grid order
     if rows:
@@ -614,6 +631,8 @@ def main(args: Args, passthrough: list[str]) -> list[dict]:
     title = f"Sweep `{args.name}`" + (f", drop.py flags `{' '.join(passthrough)}`" if passthrough else "")
     if args.report_only:
         title += " (`--report-only`: the runs as they stand; each run's epochs are below)"
+        if kept:
+            title += f"; {len(kept)} of them from the last results.csv, their folders not here ({', '.join(run.name for run in kept)})"
     table = format_table(title, runs, rows, failed, args.bootstrap_resamples)
     write_atomically(os.path.join(sweep_dir, "table.md"), table)
     plot_curves(os.path.join(sweep_dir, "curves.png"), runs, sweep_dir, record_data_scores(sweep_dir, prepared))

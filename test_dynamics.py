@@ -423,6 +423,35 @@ def test_a_stopped_training_goes_on_exactly_from_its_saved_state(tmp_path, capsy
     assert not os.path.exists(state_file)
 
 
+def test_ctrl_c_in_dynamics_py_says_in_one_line_where_the_epochs_are_and_the_same_command_goes_on(tmp_path, monkeypatch):
+    """A long training is paused with Ctrl-C: one line naming the state file, no traceback, and the
+    same command then resumes from the epoch it saved."""
+    import datasets
+    import dynamics
+
+    data_file, out = tmp_path / "hopper-small.hdf5", str(tmp_path / "ensemble.pt")
+    datasets.collect("Hopper-v4", "random", 400, seed=0, out=data_file)
+    config = DynamicsConfig(num_members=3, num_elites=2, hidden=16, batch_size=64, max_epochs=3)
+    args = dynamics.Args(env="hopper-medium-v2", dataset=str(data_file), out=out, dynamics=config)
+    loss, calls, steps_per_epoch = ProbabilisticEnsemble.loss, [], -(-(400 - 80) // 64)
+
+    def ctrl_c_in_the_second_epoch(self, *batch):
+        calls.append(1)
+        if len(calls) > steps_per_epoch + 1:
+            raise KeyboardInterrupt
+        return loss(self, *batch)
+
+    monkeypatch.setattr(ProbabilisticEnsemble, "loss", ctrl_c_in_the_second_epoch)
+    with pytest.raises(SystemExit) as stopped:
+        dynamics.main(args)
+    message = str(stopped.value.code)
+    assert message.startswith("stopped:") and "\n" not in message and out + ".training" in message and "the same command" in message
+    assert len(torch.load(out + ".training", weights_only=True)["history"]) == 1
+    monkeypatch.setattr(ProbabilisticEnsemble, "loss", loss)
+    dynamics.main(args)
+    assert os.path.isfile(out) and not os.path.exists(out + ".training")
+
+
 def test_a_saved_state_for_other_data_or_seed_is_not_resumed(tmp_path, capsys):
     data, state_file = random_transitions(), str(tmp_path / "dynamics.pt.training")
     model = small_ensemble()

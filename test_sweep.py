@@ -6,6 +6,7 @@ hand-computed values."""
 import csv
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -170,6 +171,23 @@ def test_report_only_tabulates_unfinished_runs_and_starts_nothing(tiny_sweep, wo
     assert "--report-only" in (workdir / "sweeps/tiny/table.md").read_text().splitlines()[0]
     with pytest.raises(SystemExit, match="no sweep 'elsewhere' here.*without --report-only"):
         run_sweep(["--envs", *ENVS, "--name", "elsewhere", "--report-only"])
+
+
+def test_report_only_keeps_the_rows_of_runs_whose_folders_are_gone(tiny_sweep, workdir):
+    """A study outlives its machines through results.csv: a run whose folder is lost keeps its last
+    row, every number of it, and the table's title names it; a run that has its folder is read from it."""
+    moved = workdir / "sweeps/moved"
+    shutil.copytree(workdir / "sweeps/tiny", moved)
+    lost = "builtin-hopper-medium__drop__eta5__seed0"
+    shutil.rmtree(moved / "runs" / lost)
+    argv = [*GRID[: GRID.index("--name")], "--name", "moved", *TINY, "--report-only"]
+    rows = run_sweep(argv)
+    assert rows == tiny_sweep[0]
+    assert f"1 of them from the last results.csv, their folders not here ({lost})" in (moved / "table.md").read_text().splitlines()[0]
+    with open(moved / "results.csv") as file:
+        assert [row["run_dir"] for row in csv.DictReader(file)] == [row["run_dir"] for row in tiny_sweep[0]]
+    os.remove(moved / "results.csv")  # nothing to keep them from: the lost run leaves the table
+    assert len(run_sweep(argv)) == len(tiny_sweep[0]) - 1
 
 
 @pytest.mark.parametrize("flag, old, new", [("--sac.hidden", "16", "32"), ("--dynamics.hidden", "8", "16")])
