@@ -13,6 +13,7 @@ import copy
 import hashlib
 import json
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -340,6 +341,18 @@ def uncertainty_report(model: ProbabilisticEnsemble, obs: torch.Tensor, act: tor
     }  # fmt: skip
 
 
+class Stopped(Exception):
+    """A stop signal (Ctrl-C, kill) arrived while the ensemble trained."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signal = signal.Signals(signum)
+
+
+def raise_stopped(signum, frame):
+    raise Stopped(signum)
+
+
 def main(args: Args):
     from datasets import DatasetError, load_dataset
     from sac import pick_device, seed_everything
@@ -362,11 +375,18 @@ def main(args: Args):
         return
     model = ProbabilisticEnsemble(data.obs_dim, data.act_dim, args.dynamics).to(device)
     path = args.out or os.path.join("runs", f"dynamics__{data.name.replace('/', '_')}__{args.seed}__{int(time.time())}", "dynamics.pt")
+    # Ctrl-C and kill are how a long training is paused, so they get a line, not a traceback; both,
+    # because a job started with `nohup ... &` ignores SIGINT.
+    previous = {signum: signal.signal(signum, raise_stopped) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         history = train_ensemble(model, as_tensor(data.observations), as_tensor(data.actions), as_tensor(data.next_observations), as_tensor(data.rewards), args.seed,
                                  resume_path=path + TRAINING_STATE_SUFFIX)
-    except KeyboardInterrupt:  # Ctrl-C is how a long training is paused, so it gets a line, not a traceback
-        raise SystemExit(f"stopped: the finished epochs are saved in {path + TRAINING_STATE_SUFFIX}; the same command goes on from them") from None
+    except Stopped as stop:
+        print(f"\nstopped ({stop.signal.name}): the finished epochs are saved in {path + TRAINING_STATE_SUFFIX}; the same command goes on from them", file=sys.stderr, flush=True)
+        raise SystemExit(128 + stop.signal) from None
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     save_ensemble(model, path, data.family, data.transitions_sha256())
     print(f"trained {len(history)} epochs, holdout MSE {history[0]:.4f} -> {history[-1]:.4f}; elites {model.elites.tolist()}; saved {path}")
 

@@ -16,6 +16,7 @@ Run with `pytest -s test_dynamics.py` to see the measured numbers.
 import copy
 import dataclasses
 import os
+import signal
 
 import gymnasium as gym
 import numpy as np
@@ -423,9 +424,11 @@ def test_a_stopped_training_goes_on_exactly_from_its_saved_state(tmp_path, capsy
     assert not os.path.exists(state_file)
 
 
-def test_ctrl_c_in_dynamics_py_says_in_one_line_where_the_epochs_are_and_the_same_command_goes_on(tmp_path, monkeypatch):
-    """A long training is paused with Ctrl-C: one line naming the state file, no traceback, and the
-    same command then resumes from the epoch it saved."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_kill_in_dynamics_py_says_in_one_line_where_the_epochs_are_and_the_same_command_goes_on(tmp_path, monkeypatch, capsys, signum):
+    """A long training is paused with Ctrl-C, or with kill when it runs under `nohup ... &` (which
+    ignores SIGINT): one line naming the state file, no traceback, exit status 128 + the signal,
+    and the same command then resumes from the epoch it saved."""
     import datasets
     import dynamics
 
@@ -435,18 +438,21 @@ def test_ctrl_c_in_dynamics_py_says_in_one_line_where_the_epochs_are_and_the_sam
     args = dynamics.Args(env="hopper-medium-v2", dataset=str(data_file), out=out, dynamics=config)
     loss, calls, steps_per_epoch = ProbabilisticEnsemble.loss, [], -(-(400 - 80) // 64)
 
-    def ctrl_c_in_the_second_epoch(self, *batch):
+    def signal_in_the_second_epoch(self, *batch):
         calls.append(1)
-        if len(calls) > steps_per_epoch + 1:
-            raise KeyboardInterrupt
+        if len(calls) == steps_per_epoch + 2:
+            os.kill(os.getpid(), signum)
         return loss(self, *batch)
 
-    monkeypatch.setattr(ProbabilisticEnsemble, "loss", ctrl_c_in_the_second_epoch)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(ProbabilisticEnsemble, "loss", signal_in_the_second_epoch)
     with pytest.raises(SystemExit) as stopped:
         dynamics.main(args)
-    message = str(stopped.value.code)
-    assert message.startswith("stopped:") and "\n" not in message and out + ".training" in message and "the same command" in message
+    assert stopped.value.code == 128 + signum
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message.startswith(f"stopped ({signal.Signals(signum).name}):") and out + ".training" in message and "the same command" in message
     assert len(torch.load(out + ".training", weights_only=True)["history"]) == 1
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # the caller's handlers are back
     monkeypatch.setattr(ProbabilisticEnsemble, "loss", loss)
     dynamics.main(args)
     assert os.path.isfile(out) and not os.path.exists(out + ".training")
