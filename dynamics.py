@@ -236,35 +236,34 @@ def train_ensemble(model: ProbabilisticEnsemble, obs: torch.Tensor, act: torch.T
         optimizer.load_state_dict(saved["optimizer"])
         generator.set_state(saved["generator"].cpu())  # a CUDA generator too takes its state on the CPU
         best, best_state, history, epochs_since_update = saved["best"], saved["best_state"], saved["history"], saved["epochs_since_update"]
-    bar = tqdm(desc="dynamics", unit="epoch", total=config.max_epochs, initial=len(history), disable=not progress)  # ETA only with a cap
-    while epochs_since_update < config.patience and (config.max_epochs is None or len(history) < config.max_epochs):
-        # An independent shuffle of each member's bootstrap sample.
-        shuffled = bootstrap.gather(1, torch.rand(bootstrap.shape, generator=generator, device=device).argsort(1))
-        for start in range(0, shuffled.shape[1], config.batch_size):
-            idx = shuffled[:, start : start + config.batch_size]
-            loss = model.loss(obs[idx], act[idx], targets[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        mse = holdout_mse()
-        improved = (best - mse) / best > 0.01
-        if improved.any():
-            best = torch.where(improved, mse, best)
-            for name, param in model.named_parameters():
-                if len(param) == config.num_members:  # a member's own weights: its best epoch's
-                    best_state[name][improved] = param.detach()[improved]
-                else:  # shared bounds: their latest values (MBPO keeps them out of its per-member snapshots)
-                    best_state[name] = param.detach().clone()
-            epochs_since_update = 0
-        else:
-            epochs_since_update += 1
-        history.append(mse.mean().item())
-        if resume_path is not None:
-            atomic_save({"fingerprint": fingerprint, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                         "best": best, "best_state": best_state, "history": history, "epochs_since_update": epochs_since_update}, resume_path)
-        bar.update()
-        bar.set_postfix(holdout_mse=f"{history[-1]:.4f}", since_improved=epochs_since_update)
-    bar.close()
+    with tqdm(desc="dynamics", unit="epoch", total=config.max_epochs, initial=len(history), disable=not progress) as bar:  # ETA only with a cap; closed before a stop line
+        while epochs_since_update < config.patience and (config.max_epochs is None or len(history) < config.max_epochs):
+            # An independent shuffle of each member's bootstrap sample.
+            shuffled = bootstrap.gather(1, torch.rand(bootstrap.shape, generator=generator, device=device).argsort(1))
+            for start in range(0, shuffled.shape[1], config.batch_size):
+                idx = shuffled[:, start : start + config.batch_size]
+                loss = model.loss(obs[idx], act[idx], targets[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            mse = holdout_mse()
+            improved = (best - mse) / best > 0.01
+            if improved.any():
+                best = torch.where(improved, mse, best)
+                for name, param in model.named_parameters():
+                    if len(param) == config.num_members:  # a member's own weights: its best epoch's
+                        best_state[name][improved] = param.detach()[improved]
+                    else:  # shared bounds: their latest values (MBPO keeps them out of its per-member snapshots)
+                        best_state[name] = param.detach().clone()
+                epochs_since_update = 0
+            else:
+                epochs_since_update += 1
+            history.append(mse.mean().item())
+            if resume_path is not None:
+                atomic_save({"fingerprint": fingerprint, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                             "best": best, "best_state": best_state, "history": history, "epochs_since_update": epochs_since_update}, resume_path)
+            bar.update()
+            bar.set_postfix(holdout_mse=f"{history[-1]:.4f}", since_improved=epochs_since_update)
     if resume_path is not None and os.path.isfile(resume_path):
         os.remove(resume_path)
     model.load_state_dict(best_state)

@@ -15,6 +15,7 @@ Run with `pytest -s test_dynamics.py` to see the measured numbers.
 
 import copy
 import dataclasses
+import gc
 import os
 import signal
 
@@ -449,6 +450,8 @@ def test_ctrl_c_or_kill_in_dynamics_py_says_in_one_line_where_the_epochs_are_and
     with pytest.raises(SystemExit) as stopped:
         dynamics.main(args)
     assert stopped.value.code == 128 + signum
+    del stopped  # its traceback holds the progress bar: a bar left open would print its last line now, below the message
+    gc.collect()
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert message.startswith(f"stopped ({signal.Signals(signum).name}):") and out + ".training" in message and "the same command" in message
     assert len(torch.load(out + ".training", weights_only=True)["history"]) == 1
