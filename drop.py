@@ -623,6 +623,7 @@ def main(args: Args):
         writer.flush()  # TensorBoard must hold every step before the checkpoint's, or they are lost for good
         save(last_epoch)
         where = f"in epoch {last_epoch + 2} of {hp.epochs}, after update {progress.step}" if progress.step else f"after epoch {last_epoch + 1} of {hp.epochs}"
+        bar.close()  # its last state above the stop line, not drawn again below it
         print(f"stopped {where}; continue with: python drop.py --resume {run_dir}", flush=True)
         raise SystemExit(128 + signum)
 

@@ -73,7 +73,7 @@ def start_and_stop(hopper_file: str, workdir, run_name: str, signum: int) -> sub
     """Start drop.py, wait for its first checkpoint, send `signum` a moment later (inside epoch 2)."""
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     process = subprocess.Popen([sys.executable, os.path.join(HERE, "drop.py"), *drop_argv(hopper_file, run_name)], cwd=workdir, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # one stream, as a terminal shows it
     checkpoint = workdir / "runs" / run_name / "checkpoint.pt"
     deadline = time.monotonic() + 120
     while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
@@ -114,9 +114,10 @@ def test_sigkill_mid_epoch_then_resume_gives_exactly_the_uninterrupted_run(hoppe
 
 def test_sigterm_finishes_the_update_checkpoints_and_says_how_to_resume(hopper_file, workdir, uninterrupted):
     stopped = start_and_stop(hopper_file, workdir, "terminated", signal.SIGTERM)
-    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stdout
     line = [line for line in stopped.stdout.splitlines() if line.startswith("stopped ")]
     assert len(line) == 1 and line[0].endswith("continue with: python drop.py --resume runs/terminated"), stopped.stdout
+    assert stopped.stdout.rstrip().splitlines()[-1] == line[0]  # the progress bar is not drawn again below it
     assert load(workdir / "runs" / "terminated" / "checkpoint.pt")["epoch_progress"]["step"] > 0  # stopped inside an epoch
     result = resume(workdir, "terminated")
     assert "resuming runs/terminated at epoch" in result.stdout
