@@ -27,12 +27,13 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 import drop
-from checkpoint import buffer_state, load_buffer_state, load_checkpoint
+from checkpoint import RESUME_KEYS, EpochProgress, buffer_state, load_buffer_state, load_checkpoint, save_checkpoint
 from datasets import OBS_ACT_DIMS
-from dice import DiceConfig, build_dice, dice_optimizer, resolve, train_dice
+from dice import DiceConfig, resolve
 from dynamics import DynamicsConfig, ProbabilisticEnsemble, transition_targets
+from health import CriticHealth
+from penalties import build_penalty
 from sac import SAC, ReplayBuffer, SACConfig, pick_device
-from tasks import TASK_DEFAULTS
 
 PENALTIES = ("drop", "mopo", "none")
 
@@ -118,35 +119,33 @@ def bench_family(family: str, args: Args, device: torch.device) -> dict:
     dynamics_seconds = dynamics_seconds_per_epoch(dynamics, real, args, device)
     dynamics.requires_grad_(False)
 
-    hp = replace(TASK_DEFAULTS[f"{family}-medium"], horizon=args.horizon, dice_steps=args.dice_steps, clip=(0.01, 10.0), transform="log")
-    dice_config = resolve(DiceConfig())
     runs = {}
-    for penalty in PENALTIES:
-        drop_args = drop.Args(penalty=penalty, rollout_batch_size=args.rollout_batch_size, sac=args.sac)
+    for name in PENALTIES:
+        given = drop.Args(penalty=name, rollout_batch_size=args.rollout_batch_size, sac=args.sac, horizon=args.horizon, dice_steps=args.dice_steps, clip=(0.01, 10.0), transform="log")
+        drop_args, _ = drop.settings(given, f"{family}-medium")
         agent = SAC(obs_dim, act_dim, args.sac, device)
         model_buffer = ReplayBuffer(drop.model_buffer_capacity(drop_args, args.horizon), obs_dim, act_dim, device)
-        dice = dice_opt = dice_next_obs = cache_seconds = None
-        if penalty == "drop":
-            dice = build_dice(dice_config, obs_dim, act_dim, len(dynamics.elites), dynamics.input_mean, dynamics.input_std).to(device)
-            dice_opt = dice_optimizer(dice, hp.dice_lr, dice_config)
-            dice_next_obs, cache_seconds = timed(lambda: dynamics.elite_mean_next_obs(real_obs, real_act), device)
-        runs[penalty] = dict(args=drop_args, agent=agent, buffer=model_buffer, dice=dice, dice_opt=dice_opt, next_obs=dice_next_obs, cache_seconds=cache_seconds, times=[])
+        sample_action = (lambda actor: lambda obs: actor(obs)[0])(agent.actor)
+        # DROP's penalty caches each elite's next state for the data once (its cost is reported apart).
+        penalty, cache_seconds = timed(lambda: build_penalty(drop_args, dynamics, real_obs, real_act, model_buffer, sample_action), device)
+        runs[name] = dict(args=drop_args, agent=agent, buffer=model_buffer, penalty=penalty, sample_action=sample_action, times=[],
+                          cache_seconds=cache_seconds if name == "drop" else None)
+    dice_config = resolve(DiceConfig())
 
     terminated_fn = drop.rollout_termination("halfcheetah", real_obs, drop.Args().halt_margin)  # drop.py's default: halt outside the data's range
 
     def epoch(run) -> dict[str, float]:
         """One drop.py epoch, each part timed."""
-        agent, dice = run["agent"], run["dice"]
-        sample_action = lambda obs: agent.actor(obs)[0]
+        agent, penalty, sample_action = run["agent"], run["penalty"], run["sample_action"]
         parts = {"dice_seconds": 0.0, "dice_policy_seconds": 0.0}
-        if dice is not None:
-            _, parts["dice_seconds"] = timed(lambda: train_dice(dice, run["dice_opt"], real_obs, real_act, run["next_obs"], real_obs, sample_action, args.dice_steps, dice_config, hp.dice_lambda), device)
+        if run["args"].penalty == "drop":
+            _, parts["dice_seconds"] = timed(lambda: penalty.train(args.dice_steps), device)
             # Policy sampling alone: a' for each elite's next state plus a0, (elites + 1) x batch rows a step.
             rows = real_obs[torch.randint(real.size, (args.dice_steps, (len(dynamics.elites) + 1) * dice_config.batch_size), device=device)]
             with torch.no_grad():
                 _, parts["dice_policy_seconds"] = timed(lambda: [sample_action(step_rows) for step_rows in rows], device)
         start_obs = real_obs[torch.randint(real.size, (args.rollout_batch_size,), device=device)]
-        _, parts["rollout_seconds"] = timed(lambda: drop.rollout(dynamics, agent, dice, start_obs, hp, run["args"], terminated_fn, run["buffer"]), device)
+        _, parts["rollout_seconds"] = timed(lambda: drop.rollout(dynamics, agent.actor, penalty, start_obs, run["args"], terminated_fn, run["buffer"]), device)
 
         def updates():
             for _ in range(args.sac_updates):
@@ -202,30 +201,28 @@ def current_rss_mb() -> float:
 def bench_checkpoint(family: str, args: Args):
     """Size, write time and memory of drop.py's checkpoint for a run whose model buffer is full."""
     obs_dim, act_dim = OBS_ACT_DIMS[family]
-    run = drop.Args(env=f"builtin-{family}-medium")
-    hp = drop.task_hyperparameters(run, f"{family}-medium")
+    run, _ = drop.settings(drop.Args(env=f"builtin-{family}-medium"), f"{family}-medium")
     cpu = torch.device("cpu")
     agent = SAC(obs_dim, act_dim, run.sac, cpu)
-    dice_config = resolve(run.dice)
-    dice = build_dice(dice_config, obs_dim, act_dim, run.dynamics.num_elites, torch.zeros(obs_dim + act_dim), torch.ones(obs_dim + act_dim))
-    dice_opt = dice_optimizer(dice, hp.dice_lr, dice_config)
-    model_buffer = ReplayBuffer(drop.model_buffer_capacity(run, hp.horizon), obs_dim, act_dim, cpu)
+    model_buffer = ReplayBuffer(drop.model_buffer_capacity(run, run.horizon), obs_dim, act_dim, cpu)
+    dynamics = ProbabilisticEnsemble(obs_dim, act_dim, run.dynamics)
+    penalty = build_penalty(run, dynamics, torch.zeros(1, obs_dim), torch.zeros(1, act_dim), model_buffer, lambda obs: agent.actor(obs)[0])
     for storage in (model_buffer.obs, model_buffer.act, model_buffer.rew, model_buffer.next_obs):
         storage.normal_()  # in place: no second copy in memory before the measurement
     model_buffer.size = model_buffer.capacity
     data = type("Data", (), {"name": run.env, "family": family, "eval_env_id": "", "obs_dim": obs_dim, "act_dim": act_dim})()
-    eval_history = [{"epoch": 10 * i + 9, "normalized_score": 0.0} for i in range(hp.epochs // 10)]
+    eval_history = [{"epoch": 10 * i + 9, "normalized_score": 0.0} for i in range(run.epochs // 10)]
     buffer_mb = sum(t.nbytes for t in buffer_state(model_buffer).values() if isinstance(t, torch.Tensor)) / 2**20
 
     rss_before, seconds = current_rss_mb(), []
     for _ in range(args.repeats):
         start = time.perf_counter()
-        drop.save_checkpoint(args.checkpoint_out, agent, dice, dice_opt, model_buffer, run, data, hp, 0, drop.EpochProgress(), eval_history, "", "", 0.0, drop.CriticHealth())
+        save_checkpoint(args.checkpoint_out, agent, penalty, model_buffer, run, data, run.epochs, 0, EpochProgress(), eval_history, "", "", 0.0, CriticHealth())
         seconds.append(time.perf_counter() - start)
     peak = peak_rss_mb()
     size_mb = os.path.getsize(args.checkpoint_out) / 2**20
     start = time.perf_counter()
-    load_checkpoint(args.checkpoint_out, drop.RESUME_KEYS, mmap=True)
+    load_checkpoint(args.checkpoint_out, RESUME_KEYS, mmap=True)
     load_buffer_state(model_buffer, torch.load(args.checkpoint_out, weights_only=True, mmap=True)["model_buffer"])
     load_seconds = time.perf_counter() - start
     os.remove(args.checkpoint_out)

@@ -655,6 +655,12 @@ def _parse_name(env: str) -> _NameInfo:
     )
 
 
+def task_of(env: str) -> str:
+    """The task a dataset name stands for (hopper-medium), read from the name alone: nothing is loaded."""
+    parsed = _parse_name(env)
+    return f"{parsed.family}-{parsed.kind}"
+
+
 def load_dataset(env: str, dataset_path: str | None = None) -> OfflineDataset:
     """Load the dataset named `env`; with dataset_path, read that D4RL-format HDF5 instead.
 

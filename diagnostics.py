@@ -34,20 +34,20 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 import tyro
 
 import drop
+from checkpoint import penalty_state
 from classifier import separation, what_separates
 from datasets import DatasetError, OfflineDataset, load_dataset, simulator_states
 from dice import resolve
 from dynamics import MemberGroups, load_ensemble
 from eval import load_policy
+from penalties import ClassifierRatio, NoPenalty, RatioPenalty, build_penalty
 from sac import ReplayBuffer
-from tasks import TaskDefaults
 
 # Hopper's and Walker2d's observations clip every velocity to [-10, 10]; HalfCheetah's do not.
 VELOCITY_CLIP = {"hopper": 10.0, "walker2d": 10.0, "halfcheetah": None}
@@ -81,10 +81,10 @@ class Run:
 
     checkpoint: dict
     args: drop.Args
-    hp: TaskDefaults
+    """the run's settings, the per-dataset table's included"""
     data: OfflineDataset
     dynamics: torch.nn.Module
-    dice: torch.nn.Module | None
+    penalty: NoPenalty
     actor: torch.nn.Module
     env: object  # the Gymnasium env whose MuJoCo is the true dynamics T
 
@@ -97,8 +97,8 @@ def dynamics_path(run_dir: str, checkpoint: dict) -> str:
 def load_run(run_dir: str) -> Run:
     """The run's policy, DICE heads, ensemble and dataset; any missing or mismatched part ends in one line."""
     actor, checkpoint, env = load_policy(os.path.join(run_dir, "checkpoint.pt"), None)
-    if "args" not in checkpoint or "dice" not in checkpoint:
-        raise SystemExit(f"error: {run_dir}/checkpoint.pt has no saved args or DICE heads; it was not written by drop.py")
+    if "args" not in checkpoint or ("dice" not in checkpoint and "penalty" not in checkpoint):
+        raise SystemExit(f"error: {run_dir}/checkpoint.pt has no saved args or penalty; it was not written by drop.py")
     args = drop.args_from_dict(checkpoint["args"])
     try:
         data = load_dataset(args.env, args.dataset)
@@ -109,15 +109,16 @@ def load_run(run_dir: str) -> Run:
     if not os.path.isfile(path):
         raise SystemExit(f"error: the dynamics file of {run_dir} is gone ({path}); the diagnostics need the ensemble the run was trained with")
     dynamics = load_ensemble(path, data.family, data.obs_dim, data.act_dim, torch.device("cpu"), data.transitions_sha256()).requires_grad_(False)
-    dice = None
-    if checkpoint["dice"] is not None:
-        dice = drop.build_ratio(args, data.obs_dim, data.act_dim, dynamics)
-        try:
-            dice.load_state_dict(checkpoint["dice"])
-        except RuntimeError as e:
-            raise SystemExit(f"error: the DICE heads in {run_dir}/checkpoint.pt do not fit its ensemble {path} ({' '.join(str(e).split())[:200]})")
-        dice.requires_grad_(False)
-    return Run(checkpoint, args, drop.task_hyperparameters(args, data.task), data, dynamics, dice, actor.requires_grad_(False), env)
+    args, _ = drop.settings(args, data.task)
+    data_obs, data_act = torch.as_tensor(data.observations), torch.as_tensor(data.actions)
+    penalty = build_penalty(args, dynamics, data_obs, data_act, ReplayBuffer(1, data.obs_dim, data.act_dim, torch.device("cpu")), lambda obs: actor(obs)[0])
+    try:
+        penalty.load_state_dict(penalty_state(checkpoint))
+    except RuntimeError as e:
+        raise SystemExit(f"error: the ratio heads in {run_dir}/checkpoint.pt do not fit its ensemble {path} ({' '.join(str(e).split())[:200]})")
+    if isinstance(penalty, RatioPenalty):
+        penalty.net.requires_grad_(False)
+    return Run(checkpoint, args, data, dynamics, penalty, actor.requires_grad_(False), env)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,9 +169,8 @@ def model_errors(dynamics, obs: torch.Tensor, act: torch.Tensor, elite: torch.Te
 def penalties(run: Run, obs: torch.Tensor, act: torch.Tensor, elite: torch.Tensor) -> dict[str, dict[str, np.ndarray]]:
     """Each penalty the run can compute, exactly as training does; DROP's with its tau."""
     result = {}
-    if run.dice is not None:
-        groups = MemberGroups(elite, len(run.dynamics.elites))
-        tau, penalty = drop.drop_penalty(run.dice, obs, act, groups, run.hp, resolve(run.args.dice))
+    if isinstance(run.penalty, RatioPenalty):
+        penalty, tau = run.penalty(obs, act, MemberGroups(elite, len(run.dynamics.elites)))
         result["drop"] = {"penalty": penalty.double().numpy(), "tau": tau.double().numpy()}
     result["mopo"] = {"penalty": run.dynamics.mopo_penalty(obs, act).double().numpy()}
     return result
@@ -191,7 +191,7 @@ def by_error_tenth(penalty: np.ndarray, error: np.ndarray) -> list[float]:
     return [float(penalty[part].mean()) for part in np.array_split(np.argsort(error, kind="stable"), min(10, len(error)))]
 
 
-def summary(name: str, values: dict[str, np.ndarray], error: np.ndarray, hp: TaskDefaults) -> dict[str, float]:
+def summary(name: str, values: dict[str, np.ndarray], error: np.ndarray, hp: drop.Args) -> dict[str, float]:
     """Correlations with the error, the mean, the mean by tenth of the error, and for DROP where tau fell against the clip."""
     stats = {**correlations(values["penalty"], error), "mean": float(values["penalty"].mean()), "by_error_tenth": by_error_tenth(values["penalty"], error)}
     if name == "drop":
@@ -212,9 +212,9 @@ def rollout_samples(run: Run, count: int) -> tuple[np.ndarray, np.ndarray]:
     """`count` state-actions from h-step rollouts of the run's policy in its ensemble, started at
     dataset states: drop.py's own rollout() fills a buffer as it fills the model buffer in training."""
     obs = torch.as_tensor(run.data.observations)
-    buffer = ReplayBuffer(count * run.hp.horizon, run.data.obs_dim, run.data.act_dim, torch.device("cpu"))
+    buffer = ReplayBuffer(count * run.args.horizon, run.data.obs_dim, run.data.act_dim, torch.device("cpu"))
     start_obs = obs[torch.randint(len(obs), (count,))]
-    drop.rollout(run.dynamics, SimpleNamespace(actor=run.actor), run.dice, start_obs, run.hp, run.args, drop.rollout_termination(run.data.family, obs, run.args.halt_margin), buffer)
+    drop.rollout(run.dynamics, run.actor, run.penalty, start_obs, run.args, drop.rollout_termination(run.data.family, obs, run.args.halt_margin), buffer)
     pick = torch.randperm(buffer.size)[:count]
     return buffer.obs[pick].numpy(), buffer.act[pick].numpy()
 
@@ -399,12 +399,12 @@ def rollout_separation(run: Run, steps: int, held_out: int, rng: np.random.Gener
     model_rows, data_rows = torch.as_tensor(rng.permutation(size)), torch.as_tensor(rng.permutation(data_size))
     model_obs, model_act, member = buffer["obs"][model_rows].float(), buffer["act"][model_rows].float(), buffer["member"][model_rows].long()
     data_obs, data_act = torch.as_tensor(run.data.observations)[data_rows].float(), torch.as_tensor(run.data.actions)[data_rows].float()
-    upper_clip = run.hp.clip[1] if run.hp.clip is not None else None
+    upper_clip = run.args.clip[1] if run.args.clip is not None else None
     classifiers = {}
-    if run.args.ratio == "classifier" and run.dice is not None:  # the run's own heads: a rollout sample under its elite's head, a dataset sample under a random one
-        groups = MemberGroups(member[-held_out:], run.dice.num_heads)
+    if isinstance(run.penalty, ClassifierRatio):  # the run's own heads: a rollout sample under its elite's head, a dataset sample under a random one
+        groups = MemberGroups(member[-held_out:], run.penalty.net.num_heads)
         with torch.no_grad():
-            logit = lambda obs, act: groups.gather(run.dice.logit(groups.scatter(obs[-held_out:]), groups.scatter(act[-held_out:])))
+            logit = lambda obs, act: groups.gather(run.penalty.net.logit(groups.scatter(obs[-held_out:]), groups.scatter(act[-held_out:])))
             classifiers["the run's heads"] = separation(logit(model_obs, model_act), logit(data_obs, data_act), upper_clip)
     classifiers |= what_separates(model_obs, model_act, data_obs, data_act, run.dynamics.input_mean, run.dynamics.input_std, run.args.classifier,
                                   steps, held_out, upper_clip)
@@ -464,7 +464,7 @@ def main(args: Args):
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     notes = []
-    if run.dice is None:
+    if not isinstance(run.penalty, RatioPenalty):
         notes.append(f"a --penalty {run.args.penalty} run has no DICE heads: only MOPO's penalty is shown")
     stored = simulator_states(run.data)
     if stored is None:
@@ -480,7 +480,7 @@ def main(args: Args):
     }
     stats = {
         set_name: {"n": len(s["error"]), "skipped": s["skipped"], "states": s["states"], "error_mean": float(s["error"].mean()),
-                   **{name: summary(name, values, s["error"], run.hp) for name, values in s["penalties"].items()}}
+                   **{name: summary(name, values, s["error"], run.args) for name, values in s["penalties"].items()}}
         for set_name, s in sets.items()
     }
     title = f"{run_dir}: {run.data.name}, --penalty {run.args.penalty}, epoch {run.checkpoint['epoch'] + 1}"
@@ -498,7 +498,7 @@ def main(args: Args):
             shown = rng.permutation(len(rollout["error"]))[:SUPPORT_SAMPLES]
             data_xy, support_xy = umap_embeddings(run, data_sa, np.concatenate([rollout["obs"], rollout["act"]], 1)[shown], args.seed)
             support_penalties = {name: values["penalty"][shown] for name, values in rollout["penalties"].items()}
-            plot_fig3(data_xy, support_xy, support_penalties, os.path.join(out, "fig3.png"), title + ("\n" + notes[0] if run.dice is None else ""))
+            plot_fig3(data_xy, support_xy, support_penalties, os.path.join(out, "fig3.png"), title + ("\n" + notes[0] if not isinstance(run.penalty, RatioPenalty) else ""))
             times["fig3"] = time.perf_counter() - tick
 
         # Drift: the policy in MuJoCo past the h model steps that training sees.
@@ -509,7 +509,7 @@ def main(args: Args):
             _, qpos, qvel = true_states(run, run.data.observations[starts], None if stored is None else (stored[0][starts], stored[1][starts]))
             drift = real_drift(run, qpos, qvel, args.drift_steps)
             drift_stats = drift_summary(drift, float(run.data.rewards.mean()))
-            plot_drift(drift_stats, stats["dataset"]["error_mean"], run.hp.horizon, os.path.join(out, "drift.png"), title)
+            plot_drift(drift_stats, stats["dataset"]["error_mean"], run.args.horizon, os.path.join(out, "drift.png"), title)
             times["drift"] = time.perf_counter() - tick
 
         separated = None
@@ -521,8 +521,8 @@ def main(args: Args):
 
         result = {
             **stats,
-            "run": {"dir": run_dir, "dataset": run.data.name, "penalty": run.args.penalty, "epoch": run.checkpoint["epoch"], "eta": run.hp.eta,
-                    "transform": run.hp.transform, "clip": run.hp.clip, "below_clip": resolve(run.args.dice).below_clip, "horizon": run.hp.horizon},
+            "run": {"dir": run_dir, "dataset": run.data.name, "penalty": run.args.penalty, "epoch": run.checkpoint["epoch"], "eta": run.args.eta,
+                    "transform": run.args.transform, "clip": run.args.clip, "below_clip": resolve(run.args.dice).below_clip, "horizon": run.args.horizon},
             "samples": args.samples, "seed": args.seed, "notes": notes, "times_s": {k: round(v, 2) for k, v in times.items()},
             **({"drift": drift_stats} if drift_stats else {}),
             **({"separation": separated} if separated else {}),

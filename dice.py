@@ -57,8 +57,6 @@ class DiceConfig:
     """learning rate of the scalar nu of each head, if not the DICE lr (preset authors: the DICE lr)"""
     f_lr: float | None = None
     """learning rate of the f nets (the maximising player), if not the DICE lr (preset authors: the DICE lr)"""
-    lam: float | None = None
-    """weight of the normalisation constraint, replacing the per-dataset table's (preset authors: the table's)"""
     output: Output | None = None
     """tau's output layer: linear (can go negative), softplus or exp (preset authors: linear)"""
     normalize_inputs: bool | None = None
@@ -76,7 +74,12 @@ PRESETS = {
 def resolve(config: DiceConfig) -> DiceConfig:
     """`config` with every unset variant field filled from its preset."""
     preset = PRESETS[config.preset]
-    return replace(config, **{name: value for name, value in preset.items() if getattr(config, name) is None})
+    return replace(config, **{name: value for name, value in preset.items() if name != "lam" and getattr(config, name) is None})
+
+
+def preset_lambda(config: DiceConfig) -> float | None:
+    """The weight of the normalisation constraint the preset sets (checked: 1.0), or None for the per-dataset table's."""
+    return PRESETS[config.preset]["lam"]
 
 
 class GradientDICE(nn.Module):
@@ -227,6 +230,8 @@ class Args:
     """also report mean tau over each of this many equal consecutive parts of the file's rows"""
     lr: float | None = None
     """DICE learning rate (default: the per-dataset table)"""
+    dice_lambda: float | None = None
+    """weight of GradientDICE's normalisation constraint (default: the preset's, else the per-dataset table)"""
     seed: int = 0
     """seed of the heads' initialisation and of the sampling"""
     device: str = "auto"
@@ -308,7 +313,8 @@ def main(args: Args):
     device = pick_device(args.device)
     config = resolve(args.dice)
     hp = task_defaults(data.task)
-    hp = replace(hp, dice_lr=args.lr or hp.dice_lr, dice_lambda=config.lam if config.lam is not None else hp.dice_lambda)
+    lam = next(value for value in (args.dice_lambda, preset_lambda(config), hp.dice_lambda) if value is not None)
+    hp = replace(hp, dice_lr=args.lr or hp.dice_lr, dice_lambda=lam)
     dynamics = load_ensemble(args.dynamics_path, data.family, data.obs_dim, data.act_dim, device, data.transitions_sha256())
     if policy_file is None:
         sample_action = uniform_policy(data.act_dim)

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import atomic_save
+from checkpoint import StopOnSignal, atomic_save, check_writable, exclusive_lock
 from nets import EnsembleMLP
 
 
@@ -200,12 +200,14 @@ def saved_training(path: str | None, fingerprint: str, device: torch.device) -> 
     return state
 
 
-def train_ensemble(model: ProbabilisticEnsemble, obs: torch.Tensor, act: torch.Tensor, next_obs: torch.Tensor, rew: torch.Tensor, seed: int, progress: bool = True, resume_path: str | None = None) -> list[float]:
+def train_ensemble(model: ProbabilisticEnsemble, obs: torch.Tensor, act: torch.Tensor, next_obs: torch.Tensor, rew: torch.Tensor, seed: int, progress: bool = True,
+                   resume_path: str | None = None, stop: StopOnSignal | None = None) -> list[float]:
     """Fit the ensemble by Gaussian NLL on bootstrap samples, early-stop on holdout MSE, pick the elites.
 
     Returns the mean holdout MSE after each epoch. Each member ends with its best-holdout weights.
     With `resume_path` the training's state is written there after every epoch, and a later call
     goes on from it exactly (1M transitions take hours on a CPU); the file is removed at the end.
+    When `stop` is requested the training returns after the epoch it is in, unfinished, its state saved.
     """
     from tqdm import tqdm
 
@@ -237,7 +239,7 @@ def train_ensemble(model: ProbabilisticEnsemble, obs: torch.Tensor, act: torch.T
         generator.set_state(saved["generator"].cpu())  # a CUDA generator too takes its state on the CPU
         best, best_state, history, epochs_since_update = saved["best"], saved["best_state"], saved["history"], saved["epochs_since_update"]
     with tqdm(desc="dynamics", unit="epoch", total=config.max_epochs, initial=len(history), disable=not progress) as bar:  # ETA only with a cap; closed before a stop line
-        while epochs_since_update < config.patience and (config.max_epochs is None or len(history) < config.max_epochs):
+        while epochs_since_update < config.patience and (config.max_epochs is None or len(history) < config.max_epochs) and not (stop and stop.requested):
             # An independent shuffle of each member's bootstrap sample.
             shuffled = bootstrap.gather(1, torch.rand(bootstrap.shape, generator=generator, device=device).argsort(1))
             for start in range(0, shuffled.shape[1], config.batch_size):
@@ -264,6 +266,8 @@ def train_ensemble(model: ProbabilisticEnsemble, obs: torch.Tensor, act: torch.T
                              "best": best, "best_state": best_state, "history": history, "epochs_since_update": epochs_since_update}, resume_path)
             bar.update()
             bar.set_postfix(holdout_mse=f"{history[-1]:.4f}", since_improved=epochs_since_update)
+    if stop and stop.requested:
+        return history
     if resume_path is not None and os.path.isfile(resume_path):
         os.remove(resume_path)
     model.load_state_dict(best_state)
@@ -303,6 +307,46 @@ def load_ensemble(path: str, family: str, obs_dim: int, act_dim: int, device: to
     return model
 
 
+def cache_file(family: str, data_sha256: str, config: DynamicsConfig, seed: int) -> str:
+    """Where the ensemble for this data, dynamics configuration and seed lives in $DROP_CACHE_DIR."""
+    cache_dir = os.environ.get("DROP_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "drop", "dynamics")
+    key = hashlib.sha256(json.dumps([data_sha256, asdict(config), seed], sort_keys=True).encode()).hexdigest()[:24]
+    return os.path.join(cache_dir, f"{family}-{key}.pt")
+
+
+def trained_or_cached(path: str | None, use_cache: bool, data, data_sha256: str, config: DynamicsConfig, seed: int, run_dir: str,
+                      device: torch.device) -> tuple[ProbabilisticEnsemble, str]:
+    """The ensemble drop.py rolls out in and its file: `path` if given, else the cache (trained into it on a miss),
+    else (use_cache False) trained into run_dir/dynamics.pt. `data` is an OfflineDataset."""
+    if path:
+        return load_ensemble(path, data.family, data.obs_dim, data.act_dim, device, data_sha256), os.path.abspath(path)
+
+    def train(path: str) -> ProbabilisticEnsemble:
+        from torch.utils.tensorboard import SummaryWriter
+
+        as_tensor = lambda x: torch.as_tensor(x, dtype=torch.float32, device=device)
+        model = ProbabilisticEnsemble(data.obs_dim, data.act_dim, config).to(device)
+        history = train_ensemble(model, *(as_tensor(x) for x in (data.observations, data.actions, data.next_observations, data.rewards)), seed,
+                                 resume_path=path + TRAINING_STATE_SUFFIX)
+        with SummaryWriter(os.path.join(run_dir, "dynamics")) as writer:  # its own folder, so a resume's purge cannot touch it
+            for epoch, mse in enumerate(history):
+                writer.add_scalar("dynamics/holdout_mse", mse, epoch)
+        save_ensemble(model, path, data.family, data_sha256)
+        return model
+
+    if not use_cache:
+        path = os.path.abspath(os.path.join(run_dir, "dynamics.pt"))
+        return train(path), path
+    path = cache_file(data.family, data_sha256, config, seed)
+    check_writable(os.path.dirname(path), "dynamics cache folder", "set DROP_CACHE_DIR to a writable folder or pass --no-dynamics-cache")
+    # A second run on the same key (a sweep) waits here for the first to finish training, then reuses its file.
+    with exclusive_lock(path + ".lock", f"waiting for another run that is training the same ensemble into {path}"):
+        if os.path.isfile(path):
+            print(f"reusing the trained ensemble {path} (same data, dynamics config and seed; --no-dynamics-cache to retrain)")
+            return load_ensemble(path, data.family, data.obs_dim, data.act_dim, device, data_sha256), path
+        return train(path), path
+
+
 @dataclass
 class Args:
     env: str = "builtin-hopper-medium"
@@ -340,18 +384,6 @@ def uncertainty_report(model: ProbabilisticEnsemble, obs: torch.Tensor, act: tor
     }  # fmt: skip
 
 
-class Stopped(Exception):
-    """A stop signal (Ctrl-C, kill) arrived while the ensemble trained."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signal = signal.Signals(signum)
-
-
-def raise_stopped(signum, frame):
-    raise Stopped(signum)
-
-
 def main(args: Args):
     from datasets import DatasetError, load_dataset
     from sac import pick_device, seed_everything
@@ -374,18 +406,13 @@ def main(args: Args):
         return
     model = ProbabilisticEnsemble(data.obs_dim, data.act_dim, args.dynamics).to(device)
     path = args.out or os.path.join("runs", f"dynamics__{data.name.replace('/', '_')}__{args.seed}__{int(time.time())}", "dynamics.pt")
-    # Ctrl-C and kill are how a long training is paused, so they get a line, not a traceback; both,
-    # because a job started with `nohup ... &` ignores SIGINT.
-    previous = {signum: signal.signal(signum, raise_stopped) for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    # Ctrl-C and kill are how a long training is paused, so they get a line, not a traceback.
+    with StopOnSignal("epoch") as stop:
         history = train_ensemble(model, as_tensor(data.observations), as_tensor(data.actions), as_tensor(data.next_observations), as_tensor(data.rewards), args.seed,
-                                 resume_path=path + TRAINING_STATE_SUFFIX)
-    except Stopped as stop:
-        print(f"\nstopped ({stop.signal.name}): the finished epochs are saved in {path + TRAINING_STATE_SUFFIX}; the same command goes on from them", file=sys.stderr, flush=True)
-        raise SystemExit(128 + stop.signal) from None
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+                                 resume_path=path + TRAINING_STATE_SUFFIX, stop=stop)
+    if stop.requested:
+        print(f"stopped ({signal.Signals(stop.requested).name}): the finished epochs are saved in {path + TRAINING_STATE_SUFFIX}; the same command goes on from them", file=sys.stderr, flush=True)
+        raise SystemExit(128 + stop.requested)
     save_ensemble(model, path, data.family, data.transitions_sha256())
     print(f"trained {len(history)} epochs, holdout MSE {history[0]:.4f} -> {history[-1]:.4f}; elites {model.elites.tolist()}; saved {path}")
 

@@ -11,6 +11,7 @@ import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -254,6 +255,20 @@ def start_run(run_dir: str, args, track: bool, project: str, purge_step: int | N
     return writer
 
 
+def write_replay(path: str, buffer: ReplayBuffer, truncations: np.ndarray, args, step: int):
+    """The replay buffer in step order as a D4RL-format file; the last row, cut by the stop, counts as truncated."""
+    from datasets import write_hdf5_atomically
+
+    order = (buffer.ptr + np.arange(buffer.size)) % buffer.capacity if buffer.size == buffer.capacity else np.arange(buffer.size)
+    arrays = {key: getattr(buffer, name)[order].cpu().numpy() for key, name in
+              (("observations", "obs"), ("actions", "act"), ("rewards", "rew"), ("next_observations", "next_obs"))}
+    arrays["terminals"] = buffer.done[order].cpu().numpy() > 0
+    arrays["timeouts"] = truncations[order].copy()
+    arrays["timeouts"][-1] |= not arrays["terminals"][-1]
+    attrs = {"env_id": args.env, "seed": args.seed, "num_transitions": buffer.size, "source": "sac.py replay buffer", "sac_step": step}
+    write_hdf5_atomically(Path(path), arrays, attrs)
+
+
 @dataclass
 class Args:
     env: str = "Hopper-v4"
@@ -276,6 +291,8 @@ class Args:
     """mirror the TensorBoard logs to Weights & Biases"""
     run_name: str | None = None
     """name of runs/{run_name}; default: sac__{env}__{seed}__{time}"""
+    save_replay: bool = True
+    """write the replay buffer so far to runs/{run_name}/replay.hdf5 (D4RL format) at every evaluation: the raw material of a medium-replay dataset"""
     sac: SACConfig = field(default_factory=SACConfig)
     """SAC hyperparameters"""
 
@@ -300,6 +317,7 @@ def main(args: Args):
     action_scale = env.action_space.high
     agent = SAC(obs_dim, act_dim, args.sac, device)
     buffer = ReplayBuffer(min(args.buffer_size, args.total_steps), obs_dim, act_dim, device)
+    truncations = np.zeros(buffer.capacity, dtype=bool)  # the buffer keeps terminations only; a D4RL file needs time limits too
     env.action_space.seed(args.seed)
 
     as_row = lambda x: torch.as_tensor(np.asarray(x, dtype=np.float32)[None], device=device)  # a batch of one
@@ -313,6 +331,7 @@ def main(args: Args):
             act = agent.actor.act(obs, deterministic=False)
         next_obs, reward, terminated, truncated, _ = env.step(act * action_scale)
         episode_return += reward
+        truncations[buffer.ptr] = truncated and not terminated
         buffer.add(as_row(obs), as_row(act), as_row(reward), as_row(next_obs), as_row(float(terminated)))
         obs = next_obs
         if terminated or truncated:
@@ -329,6 +348,8 @@ def main(args: Args):
             returns = evaluate(agent.actor, eval_env, args.eval_episodes, seed=10_000 + step)
             writer.add_scalar("eval/return", returns.mean(), step)
             np.savez(os.path.join("runs", run_name, f"actor_step{step}.npz"), **agent.actor.to_npz_arrays())
+            if args.save_replay:
+                write_replay(os.path.join("runs", run_name, "replay.hdf5"), buffer, truncations, args, step)
             progress.set_postfix(eval_return=f"{returns.mean():.0f}")
     np.savez(os.path.join("runs", run_name, "actor.npz"), **agent.actor.to_npz_arrays())
     writer.close()

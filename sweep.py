@@ -39,6 +39,7 @@ import torch
 import tyro
 
 import drop
+from checkpoint import flat_fields
 from datasets import DatasetError, _parse_name, load_dataset, normalized_score
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -218,7 +219,7 @@ def plan(args: Args, drop_args: drop.Args) -> list[Run]:
             raise SystemExit(f"error: {e}")
         task = f"{parsed.family}-{parsed.kind}"
         for variant, flags in drop_variants(args.variants) if penalty == "drop" else [("", ())]:
-            hp = drop.task_hyperparameters(replace(drop_flags_checked(list(flags), drop_args), penalty=penalty), task)
+            hp, _ = drop.settings(replace(drop_flags_checked(list(flags), drop_args), penalty=penalty), task)
             etas = (0.0,) if penalty == "none" else args.etas or (hp.eta,)
             for eta, seed in itertools.product(etas, args.seeds):
                 column = f"{penalty} ({variant})" if variant else penalty
@@ -268,8 +269,8 @@ def refuse_changed_settings(sweep_dir: str, runs: list[Run], drop_args: drop.Arg
         if not os.path.isfile(path):
             continue
         saved_file = read_checkpoint(path)
-        saved = drop.flat_fields(saved_file[key])
-        changed = [f"{flag_prefix}{name.replace('_', '-')} {saved[name]} then, {value} now" for name, value in drop.flat_fields(wanted).items() if name in saved and name not in ignored and saved[name] != value]
+        saved = flat_fields(saved_file[key])
+        changed = [f"{flag_prefix}{name.replace('_', '-')} {saved[name]} then, {value} now" for name, value in flat_fields(wanted).items() if name in saved and name not in ignored and saved[name] != value]
         if changed:
             raise SystemExit(f"error: {path} was made with other settings ({'; '.join(changed)}); give this sweep another --name, or delete that file")
         if most_epochs is not None and (done := saved_file["epoch"] + 1) > most_epochs:

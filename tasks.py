@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 Transform = Literal["log", "tanh-shift", "tanh-offset"]
+Penalty = Literal["drop", "mopo", "none"]
 FAMILIES = ("halfcheetah", "hopper", "walker2d")
 
 
@@ -69,7 +70,7 @@ def config_task(task: str, table: dict) -> str:
     return task if task in table else f"{family}-medium"
 
 
-def task_defaults(task: str, penalty: Literal["drop", "mopo", "none"] = "drop") -> TaskDefaults:
+def task_defaults(task: str, penalty: Penalty = "drop") -> TaskDefaults:
     """The settings a run of `penalty` on `task` starts from, naming where they come from.
 
     MOPO and MBPO take MOPO's h (and MOPO its lambda; MBPO has no penalty, eta 0); the epoch count

@@ -19,6 +19,7 @@ import tyro
 
 import datasets
 import drop
+import penalties
 from classifier import ClassifierConfig, RatioClassifier, classifier_loss, separation, train_classifier, what_separates
 from sac import Actor
 from test_drop import TINY, hopper_file  # noqa: F401 (fixture)
@@ -171,8 +172,8 @@ def test_drop_trains_with_the_classifier_and_logs_the_ratios_health(hopper_file,
     from test_drop import logged_scalars
 
     monkeypatch.chdir(tmp_path)
-    calls, train = [], drop.train_classifier
-    monkeypatch.setattr(drop, "train_classifier", lambda *a: calls.append(a) or train(*a))
+    calls, train = [], penalties.train_classifier
+    monkeypatch.setattr(penalties, "train_classifier", lambda *a: calls.append(a) or train(*a))
     buffer_sizes, rollout = [], drop.rollout  # the model buffer's size after each rollout (its last argument)
     monkeypatch.setattr(drop, "rollout", lambda *a: (rollout(*a), buffer_sizes.append(a[-1].size))[0])
     flags = ["--ratio", "classifier", "--classifier.hidden", "16", "--classifier.lr", "3e-3", "--classifier.batch-size", "32"]
@@ -199,8 +200,8 @@ def test_drop_trains_with_the_classifier_and_logs_the_ratios_health(hopper_file,
     import diagnostics
 
     run = diagnostics.load_run(str(tmp_path / "runs" / "classifier"))
-    saved = torch.load(tmp_path / "runs" / "classifier" / "checkpoint.pt", weights_only=True)["dice"]
-    assert isinstance(run.dice, RatioClassifier) and torch.equal(run.dice.net.output.weight, saved["net.output.weight"])
+    saved = torch.load(tmp_path / "runs" / "classifier" / "checkpoint.pt", weights_only=True)["penalty"]["net"]
+    assert isinstance(run.penalty.net, RatioClassifier) and torch.equal(run.penalty.net.net.output.weight, saved["net.output.weight"])
     # Its separation judges the run's own heads beside the fresh classifiers.
     separated = diagnostics.rollout_separation(run, steps=20, held_out=100, rng=np.random.default_rng(0))
     assert list(separated["classifiers"]) == ["the run's heads", "state and action", "state only", "action only"]
@@ -216,7 +217,7 @@ def test_drop_trains_with_the_classifier_and_logs_the_ratios_health(hopper_file,
 ])  # fmt: skip
 def test_meaningless_classifier_flags_are_refused_in_one_line(argv, words):
     with pytest.raises(SystemExit, match="^error: ") as error:
-        drop.task_hyperparameters(tyro.cli(drop.Args, args=argv), "hopper-medium")
+        drop.settings(tyro.cli(drop.Args, args=argv), "hopper-medium")
     assert words in str(error.value) and "\n" not in str(error.value)
 
 

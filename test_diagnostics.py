@@ -109,7 +109,7 @@ def test_model_error_is_the_distance_of_the_drawn_elite_from_mujoco():
     samples and zero elsewhere; every elite is drawn."""
     data = collect("Hopper-v4", 600, seed=3)
     model = OffsetModel(data["obs"], data["next_obs"])
-    run = SimpleNamespace(env=gym.make("Hopper-v4"), data=SimpleNamespace(family="hopper"), dynamics=model, dice=None)
+    run = SimpleNamespace(env=gym.make("Hopper-v4"), data=SimpleNamespace(family="hopper"), dynamics=model, penalty=None)
     obs = data["obs"].astype(np.float32)
     result = diagnostics.evaluate_set(run, obs, data["act"].astype(np.float32), (data["qpos"], data["qvel"]), "test")
     rows = np.array([model.row[o.tobytes()] for o in result["obs"]])
@@ -149,7 +149,7 @@ def test_drift_replays_recorded_episodes_to_their_end():
     episode terminated (Hopper falls within 40 steps under random actions)."""
     data = collect("Hopper-v4", 300, seed=3)
     first = np.flatnonzero(np.r_[True, data["terminated"][:-1]])[:3]
-    run = SimpleNamespace(env=gym.make("Hopper-v4"), actor=ReplayActor(data["obs"], data["act"]), dynamics=StillModel(), dice=None)
+    run = SimpleNamespace(env=gym.make("Hopper-v4"), actor=ReplayActor(data["obs"], data["act"]), dynamics=StillModel(), penalty=None)
     drift = diagnostics.real_drift(run, data["qpos"][first], data["qvel"][first], steps=40)
     for row, start in enumerate(first):
         length = np.flatnonzero(data["terminated"][start:])[0] + 1

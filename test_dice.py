@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from dice import DiceConfig, GradientDICE, build_dice, dice_optimizer, penalty, ratio_statistics, resolve, train_dice
+from dice import DiceConfig, GradientDICE, build_dice, dice_optimizer, penalty, preset_lambda, ratio_statistics, resolve, train_dice
 
 torch.set_num_threads(1)
 
@@ -262,17 +262,17 @@ def test_penalty_below_the_clip(below_clip, expected):
 def test_presets_fill_only_unset_fields():
     """The authors' preset is the published method; a field given by hand beats the preset."""
     authors = resolve(DiceConfig())
-    assert (authors.optimizer, authors.nu_lr, authors.f_lr, authors.lam, authors.output, authors.normalize_inputs, authors.below_clip) == (
+    assert (authors.optimizer, authors.nu_lr, authors.f_lr, preset_lambda(authors), authors.output, authors.normalize_inputs, authors.below_clip) == (
         "adam", None, None, None, "linear", False, "clip")
     checked = resolve(DiceConfig(preset="checked", output="exp"))
-    assert (checked.optimizer, checked.nu_lr, checked.f_lr, checked.lam, checked.output, checked.normalize_inputs, checked.below_clip) == (
+    assert (checked.optimizer, checked.nu_lr, checked.f_lr, preset_lambda(checked), checked.output, checked.normalize_inputs, checked.below_clip) == (
         "adam", 1e-2, None, 1.0, "exp", True, "max")  # docs/defaults.md's checked preset, with the field given by hand
 
 
 def test_dice_defaults_to_the_documented_settings():
     """docs/defaults.md: heads 64-64, gamma 0.99, batch 256, 100 pretraining steps, the authors' preset. Catches a changed default of any of them."""
     assert DiceConfig() == DiceConfig(hidden=64, gamma=0.99, batch_size=256, pretrain_steps=100, preset="authors", optimizer=None, nu_lr=None, f_lr=None,
-                                      lam=None, output=None, normalize_inputs=None, below_clip=None)
+                                      output=None, normalize_inputs=None, below_clip=None)
 
 
 @pytest.mark.parametrize("output", ["linear", "softplus", "exp"])

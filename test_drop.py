@@ -14,6 +14,7 @@ import tyro
 
 import datasets
 import drop
+from checkpoint import PROGRESS_COLUMNS, write_progress
 
 torch.set_num_threads(1)
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -26,8 +27,8 @@ TINY = [
 ]  # fmt: skip
 
 
-def run_script(*argv: str, cwd: str) -> subprocess.CompletedProcess:
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
+def run_script(*argv: str, cwd: str, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = os.environ | {"OMP_NUM_THREADS": "1"} | (env_extra or {})
     return subprocess.run([sys.executable, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -94,7 +95,7 @@ def test_progress_csv_has_one_row_per_evaluation_matching_the_logs(runs, penalty
 
     with open(runs / "runs" / penalty / "progress.csv") as file:
         rows = list(csv.DictReader(file))
-    assert list(rows[0]) == drop.PROGRESS_COLUMNS and [int(row["epoch"]) for row in rows] == [0, 1]
+    assert list(rows[0]) == PROGRESS_COLUMNS and [int(row["epoch"]) for row in rows] == [0, 1]
     scalars = logged_scalars(str(runs / "runs" / penalty))
     assert [float(row["normalized_score"]) for row in rows] == pytest.approx(scalars["eval/normalized_score"])
     assert float(rows[-1]["normalized_score"]) == torch.load(runs / "runs" / penalty / "checkpoint.pt", weights_only=True)["normalized_score"]
@@ -116,7 +117,7 @@ def test_progress_of_a_run_saved_before_a_column_existed_reads_nan_there(tmp_pat
     import sweep
 
     old = {"epoch": 9, "normalized_score": 40.0, "normalized_score_std": 1.0, "return": 5000.0, "wall_seconds": 9.0, "penalty_mean": 0.5, "rollout_tau_mean": 2.0}
-    drop.write_progress(str(tmp_path / "progress.csv"), [old, old | {"epoch": 19, "rollout_tau_median": 1.5}])
+    write_progress(str(tmp_path / "progress.csv"), [old, old | {"epoch": 19, "rollout_tau_median": 1.5}])
     rows = sweep.read_progress(str(tmp_path))
     assert math.isnan(rows[0]["rollout_tau_median"]) and rows[1]["rollout_tau_median"] == 1.5 and rows[1]["epoch"] == 19
 
@@ -130,7 +131,7 @@ def test_penalties_differ(runs):
 
 def test_checkpoint_loads_weights_only(runs):
     checkpoint = torch.load(runs / "runs" / "drop" / "checkpoint.pt", weights_only=True)
-    assert checkpoint["family"] == "hopper" and checkpoint["dice"] is not None
+    assert checkpoint["family"] == "hopper" and checkpoint["penalty"]["net"] is not None
     assert checkpoint["args"]["penalty"] == "drop"
 
 
@@ -188,16 +189,16 @@ def test_help_explains_every_flag():
 
 def test_table_defaults_and_flag_overrides():
     """Unset flags take the authors' per-dataset config; any flag given wins."""
-    hp = drop.task_hyperparameters(tyro.cli(drop.Args, args=[]), "walker2d-random")
+    hp = drop.settings(tyro.cli(drop.Args, args=[]), "walker2d-random")[0]
     assert (hp.horizon, hp.eta, hp.dice_steps, hp.dice_lr, hp.clip, hp.epochs) == (1, 1.0, 600, 1e-3, (0.01, 50.0), 3000)
-    hp = drop.task_hyperparameters(tyro.cli(drop.Args, args=["--eta", "0.5", "--horizon", "3", "--transform", "tanh-shift", "--no-clip"]), "walker2d-random")
+    hp = drop.settings(tyro.cli(drop.Args, args=["--eta", "0.5", "--horizon", "3", "--transform", "tanh-shift", "--no-clip"]), "walker2d-random")[0]
     assert (hp.eta, hp.horizon, hp.transform, hp.clip) == (0.5, 3, "tanh-shift", None)
 
 
 @pytest.mark.parametrize("argv", [["--no-clip"], ["--clip", "0", "10"]])
 def test_log_transform_needs_a_positive_clip(argv):
     with pytest.raises(SystemExit, match="positive lower bound"):
-        drop.task_hyperparameters(tyro.cli(drop.Args, args=argv), "hopper-medium")
+        drop.settings(tyro.cli(drop.Args, args=argv), "hopper-medium")
 
 
 @pytest.mark.parametrize("penalty, horizon, eta, source", [
@@ -207,18 +208,18 @@ def test_log_transform_needs_a_positive_clip(argv):
 ])  # fmt: skip
 def test_each_penalty_takes_its_own_table(penalty, horizon, eta, source):
     """MOPO's baseline runs at MOPO's published h and lambda (not DROP's eta), MBPO at MOPO's h; the source is named."""
-    hp = drop.task_hyperparameters(tyro.cli(drop.Args, args=["--penalty", penalty]), "halfcheetah-medium")
-    assert (hp.horizon, hp.eta, hp.epochs, hp.source) == (horizon, eta, 500, source)
-    hp = drop.task_hyperparameters(tyro.cli(drop.Args, args=["--penalty", penalty, "--horizon", "3", "--eta", "0.5"]), "hopper-medium")
-    assert (hp.horizon, hp.eta) == (3, 0.5) and "--horizon, --eta from the command line" in hp.source
+    hp, from_where = drop.settings(tyro.cli(drop.Args, args=["--penalty", penalty]), "halfcheetah-medium")
+    assert (hp.horizon, hp.eta, hp.epochs, from_where) == (horizon, eta, 500, source)
+    hp, from_where = drop.settings(tyro.cli(drop.Args, args=["--penalty", penalty, "--horizon", "3", "--eta", "0.5"]), "hopper-medium")
+    assert (hp.horizon, hp.eta) == (3, 0.5) and "--horizon, --eta from the command line" in from_where
 
 
 def test_mopo_table_is_mopos_configs():
     """A few entries of MOPO's examples/config/d4rl, and the family fallback for datasets it has no config for."""
-    mopo = lambda task: drop.task_hyperparameters(tyro.cli(drop.Args, args=["--penalty", "mopo"]), task)
-    assert (mopo("hopper-medium").horizon, mopo("hopper-medium").eta) == (5, 5.0)
-    assert (mopo("walker2d-medium-expert").horizon, mopo("walker2d-medium-expert").eta) == (1, 2.0)
-    assert mopo("hopper-expert").source == "MOPO's config for hopper-medium"
+    mopo = lambda task: drop.settings(tyro.cli(drop.Args, args=["--penalty", "mopo"]), task)
+    assert (mopo("hopper-medium")[0].horizon, mopo("hopper-medium")[0].eta) == (5, 5.0)
+    assert (mopo("walker2d-medium-expert")[0].horizon, mopo("walker2d-medium-expert")[0].eta) == (1, 2.0)
+    assert mopo("hopper-expert")[1] == "MOPO's config for hopper-medium"
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -228,13 +229,32 @@ def test_mopo_table_is_mopos_configs():
 ])  # fmt: skip
 def test_impossible_values_are_refused_in_one_line(argv, words):
     with pytest.raises(SystemExit, match="impossible") as error:
-        drop.task_hyperparameters(tyro.cli(drop.Args, args=argv), "hopper-medium")
+        drop.settings(tyro.cli(drop.Args, args=argv), "hopper-medium")
     assert words in str(error.value)
+
+
+def test_impossible_values_are_refused_before_any_data_is_collected(tmp_path):
+    """`python drop.py --eta -1` on a fresh machine: one line at once, not after collecting 200k transitions."""
+    for argv, words in [(["--eta", "-1"], "--eta -1.0 (at least 0)"), (["--epochs", "0"], "--epochs 0 (at least 1)"),
+                        (["--penalty", "mopo", "--ratio", "classifier"], "--ratio classifier is DROP's ratio estimator")]:
+        result = run_script(os.path.join(HERE, "drop.py"), *argv, cwd=tmp_path, env_extra={"DROP_DATA_DIR": str(tmp_path / "data")})
+        assert_one_line_error(result, words)
+        assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
+
+
+def test_the_old_dice_lambda_flag_names_the_new_one(tmp_path):
+    result = run_script(os.path.join(HERE, "drop.py"), "--dice.lam", "0.5", cwd=tmp_path)
+    assert_one_line_error(result, "--dice.lam is now --dice-lambda")
+
+
+def test_one_flag_sets_dices_lambda_over_the_preset_over_the_table():
+    lam = lambda *argv: drop.settings(tyro.cli(drop.Args, args=list(argv)), "hopper-medium")[0].dice_lambda
+    assert (lam(), lam("--dice.preset", "checked"), lam("--dice.preset", "checked", "--dice-lambda", "0.3")) == (0.1, 1.0, 0.3)
 
 
 def test_a_task_outside_the_tables_is_refused(tmp_path):
     with pytest.raises(SystemExit, match="no settings for antmaze-umaze"):
-        drop.task_hyperparameters(tyro.cli(drop.Args, args=[]), "antmaze-umaze")
+        drop.settings(tyro.cli(drop.Args, args=[]), "antmaze-umaze")
 
 
 def test_the_run_reports_its_largest_critic_loss_and_alpha(runs):

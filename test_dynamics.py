@@ -428,8 +428,9 @@ def test_a_stopped_training_goes_on_exactly_from_its_saved_state(tmp_path, capsy
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_or_kill_in_dynamics_py_says_in_one_line_where_the_epochs_are_and_the_same_command_goes_on(tmp_path, monkeypatch, capsys, signum):
     """A long training is paused with Ctrl-C, or with kill when it runs under `nohup ... &` (which
-    ignores SIGINT): one line naming the state file, no traceback, exit status 128 + the signal,
-    and the same command then resumes from the epoch it saved."""
+    ignores SIGINT): it finishes the epoch it is in (drop.py's stop mechanism, checkpoint.StopOnSignal),
+    then one line naming the state file, no traceback, exit status 128 + the signal, and the same
+    command then resumes from the epoch it saved."""
     import datasets
     import dynamics
 
@@ -454,7 +455,7 @@ def test_ctrl_c_or_kill_in_dynamics_py_says_in_one_line_where_the_epochs_are_and
     gc.collect()
     message = capsys.readouterr().err.strip().splitlines()[-1]
     assert message.startswith(f"stopped ({signal.Signals(signum).name}):") and out + ".training" in message and "the same command" in message
-    assert len(torch.load(out + ".training", weights_only=True)["history"]) == 1
+    assert len(torch.load(out + ".training", weights_only=True)["history"]) == 2  # the epoch the signal came in, finished
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # the caller's handlers are back
     monkeypatch.setattr(ProbabilisticEnsemble, "loss", loss)
     dynamics.main(args)

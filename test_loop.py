@@ -8,7 +8,7 @@ says which one-line changes to drop.py it catches; each of those changes was mad
 
 import math
 import types
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -16,11 +16,12 @@ import tyro
 
 import datasets
 import drop
-from test_drop import hopper_file  # noqa: F401 (fixture)
-from dice import GradientDICE
+import penalties
+from dice import DiceConfig, GradientDICE
 from dynamics import DynamicsConfig, ProbabilisticEnsemble
+from health import CriticHealth, return_bound
 from sac import ReplayBuffer
-from tasks import TaskDefaults
+from test_drop import hopper_file  # noqa: F401 (fixture)
 
 torch.set_num_threads(1)
 OBS_DIM, ACT_DIM = 3, 2
@@ -57,22 +58,30 @@ def fixed_tau_dice(tau: torch.Tensor) -> GradientDICE:
     return dice
 
 
-ZERO_POLICY = types.SimpleNamespace(actor=lambda obs: (torch.zeros(len(obs), ACT_DIM), None))
+ZERO_POLICY = lambda obs: (torch.zeros(len(obs), ACT_DIM), None)
 NEVER_TERMINATED = lambda next_obs: torch.zeros(len(next_obs), dtype=torch.bool)
 
 
-def table_entry(horizon=1, eta=1.0, clip=None, transform="log") -> TaskDefaults:
-    """A per-dataset entry with the given rollout and penalty settings (the DICE ones do not matter here)."""
-    return TaskDefaults(horizon=horizon, eta=eta, dice_steps=1, dice_lr=1e-4, dice_lambda=0.1, clip=clip, transform=transform, epochs=1)
+def run_settings(penalty="drop", horizon=1, eta=1.0, clip=None, transform="log", dice_config=None) -> drop.Args:
+    """A run's settings with the given rollout and penalty values (the DICE ones do not matter here)."""
+    args = drop.Args(penalty=penalty, dice=dice_config or DiceConfig())
+    return replace(args, horizon=horizon, eta=eta, clip=clip, transform=transform, dice_steps=1, dice_lr=1e-4, dice_lambda=0.1, epochs=1)
+
+
+def penalty_of(args: drop.Args, dynamics, ratio=None) -> penalties.NoPenalty:
+    """The run's penalty object; DROP's with `ratio` (anything with .ratio(obs, act) -> [heads, B]) as its heads."""
+    penalty = penalties.build_penalty(args, dynamics, torch.zeros(4, OBS_DIM), torch.zeros(4, ACT_DIM), ReplayBuffer(1, OBS_DIM, ACT_DIM, torch.device("cpu")), None)
+    if ratio is not None:
+        penalty.net = ratio
+    return penalty
 
 
 def run_rollout(penalty: str, dynamics, dice=None, horizon=1, eta=2.5, transform="log", clip=(0.01, 10.0), terminated_fn=NEVER_TERMINATED, num_starts=600, dice_config=None):
     torch.manual_seed(0)
-    hp = table_entry(horizon, eta, clip, transform)
     buffer = ReplayBuffer(num_starts * horizon, OBS_DIM, ACT_DIM, torch.device("cpu"))
     start_obs = torch.randn(num_starts, OBS_DIM)
-    args = drop.Args(penalty=penalty, dice=dice_config or drop.DiceConfig())
-    summary = drop.rollout(dynamics, ZERO_POLICY, dice, start_obs, hp, args, terminated_fn, buffer)
+    args = run_settings(penalty, horizon, eta, clip, transform, dice_config)
+    summary = drop.rollout(dynamics, ZERO_POLICY, penalty_of(args, dynamics, dice), start_obs, args, terminated_fn, buffer)
     rows = {name: getattr(buffer, name)[: buffer.size] for name in ("obs", "act", "rew", "next_obs", "done", "member")}
     return rows, summary, start_obs
 
@@ -133,7 +142,7 @@ def test_untrusted_tau_gets_the_chosen_penalty_and_the_health_is_counted_per_sam
 
     Catches: ignoring --dice.below-clip, applying it to the samples inside the clip, counting tau
     below the clip by head instead of by sample, and a bonus fraction of the wrong sign."""
-    rows, summary, _ = run_rollout("drop", StepEnsemble(stds=[0.0] * 4), fixed_tau_dice(TAU), dice_config=drop.DiceConfig(below_clip=below_clip))
+    rows, summary, _ = run_rollout("drop", StepEnsemble(stds=[0.0] * 4), fixed_tau_dice(TAU), dice_config=DiceConfig(below_clip=below_clip))
     elite = torch.tensor([ELITES.index(m) for m in member_of(rows).tolist()])
     penalty = torch.tensor([penalty_below, math.log(0.5), math.log(10.0)])[elite]
     assert torch.allclose(rows["rew"], REWARDS[member_of(rows)] - 2.5 * penalty, atol=1e-6)
@@ -295,18 +304,18 @@ def test_epoch_order_dice_then_rollout_then_updates_under_the_current_policy(hop
         dice_data.append(torch.equal(init_obs, real_obs) and torch.equal(obs, real_obs))
         return train_dice(dice, optimizer, obs, act, next_obs, init_obs, policy, steps, *rest)
 
-    def watched_rollout(dynamics, agent, dice, start_obs, *a, **k):
+    def watched_rollout(dynamics, actor, penalty, start_obs, *a, **k):
         events.append(("rollout",))
         rollout_starts.append(start_obs)
-        return rollout(dynamics, agent, dice, start_obs, *a, **k)
+        return rollout(dynamics, actor, penalty, start_obs, *a, **k)
 
     def watched_evaluate(actor, env, episodes, seed):
         events.append(("evaluate", episodes, seed))
         return evaluate(actor, env, episodes, seed)
 
-    train_dice, rollout, evaluate = drop.train_dice, drop.rollout, drop.evaluate
+    train_dice, rollout, evaluate = penalties.train_dice, drop.rollout, drop.evaluate
     monkeypatch.setattr(drop, "SAC", WatchedSAC)
-    monkeypatch.setattr(drop, "train_dice", watched_train_dice)
+    monkeypatch.setattr(penalties, "train_dice", watched_train_dice)
     monkeypatch.setattr(drop, "rollout", watched_rollout)
     monkeypatch.setattr(drop, "evaluate", watched_evaluate)
     argv = ["--env", "hopper-medium-v2", "--dataset", hopper_file, "--epochs", "2", "--steps-per-epoch", "6", "--rollout-freq", "3",
@@ -328,8 +337,8 @@ def test_epoch_order_dice_then_rollout_then_updates_under_the_current_policy(hop
 def test_return_bound_is_the_data_reward_plus_eta_times_the_largest_penalty_over_one_minus_gamma():
     """Catches: the model's rewards in the bound, eta or the penalty left out, 1 / gamma for 1 / (1 - gamma)."""
     rewards = torch.tensor([1.0, -2.0, 0.5])
-    assert drop.return_bound(rewards, largest_penalty=3.0, eta=0.5, gamma=0.9) == pytest.approx(35.0)  # (2 + 0.5 x 3) / 0.1
-    assert drop.return_bound(rewards, largest_penalty=0.0, eta=7.0, gamma=0.99) == pytest.approx(200.0)
+    assert return_bound(rewards, largest_penalty=3.0, eta=0.5, gamma=0.9) == pytest.approx(35.0)  # (2 + 0.5 x 3) / 0.1
+    assert return_bound(rewards, largest_penalty=0.0, eta=7.0, gamma=0.99) == pytest.approx(200.0)
 
 
 @pytest.mark.parametrize(
@@ -345,9 +354,8 @@ def test_return_bound_is_the_data_reward_plus_eta_times_the_largest_penalty_over
     ],
 )
 def test_largest_penalty_is_the_transform_at_the_clip_ends(penalty, transform, clip, below_clip, expected):
-    hp = table_entry(clip=clip, transform=transform)
-    args = drop.Args(penalty=penalty, dice=drop.DiceConfig(below_clip=below_clip))
-    assert drop.largest_penalty(args, hp, StepEnsemble(stds=[0.0] * 4)) == pytest.approx(expected, rel=1e-6)
+    args = run_settings(penalty, clip=clip, transform=transform, dice_config=DiceConfig(below_clip=below_clip))
+    assert penalty_of(args, StepEnsemble(stds=[0.0] * 4)).largest() == pytest.approx(expected, rel=1e-6)
 
 
 def test_largest_mopo_penalty_is_the_std_ceiling_of_the_learned_bounds():
@@ -355,12 +363,12 @@ def test_largest_mopo_penalty_is_the_std_ceiling_of_the_learned_bounds():
     dynamics = ProbabilisticEnsemble(OBS_DIM, ACT_DIM, DynamicsConfig(num_members=3, num_elites=2, hidden=8, logvar_bounds="per-member"))
     with torch.no_grad():
         dynamics.max_logvar.copy_(torch.tensor([0.0, 2 * math.log(3.0), -1.0]).view(3, 1, 1).expand_as(dynamics.max_logvar))
-    assert drop.largest_penalty(drop.Args(penalty="mopo"), table_entry(), dynamics) == pytest.approx(3.0 * math.sqrt(OBS_DIM + 1))
+    assert penalty_of(run_settings("mopo"), dynamics).largest() == pytest.approx(3.0 * math.sqrt(OBS_DIM + 1))
 
 
 def test_critic_health_warns_once_after_three_epochs_beyond_the_bound():
     """|mean Q| above 3 x max|r| / (1 - gamma) for three epochs in a row is diverging; a dip below resets the count."""
-    health = drop.CriticHealth()
+    health = CriticHealth()
     sac = lambda q, loss=1.0, alpha=0.1: {"q_mean": q, "critic_loss": loss, "alpha": alpha}
     bound = 100.0
     assert health.update(0, sac(299.0), bound) is None and health.over_bound_since is None
@@ -378,7 +386,7 @@ def test_critic_health_warns_once_after_three_epochs_beyond_the_bound():
 
 def test_critic_health_warns_once_when_rollout_states_go_far_beyond_the_data():
     """Beyond 5 x the data's largest |s| (or NaN) is far; said once, with the epoch, and kept in the summary."""
-    health = drop.CriticHealth()
+    health = CriticHealth()
     assert health.update_states(0, 49.0, data_state_abs_max=10.0) is None
     assert health.update_states(1, 50.0, data_state_abs_max=10.0) is None  # exactly 5 x is not beyond
     warning = health.update_states(2, 51.0, data_state_abs_max=10.0)
@@ -386,7 +394,7 @@ def test_critic_health_warns_once_when_rollout_states_go_far_beyond_the_data():
     assert health.update_states(3, 900.0, data_state_abs_max=10.0) is None  # said once
     assert (health.max_state_abs, health.far_states_since) == (900.0, 2)
     assert health.summary().endswith("largest rollout |s| 900; rollout states beyond 5 x the data's since epoch 3")
-    assert drop.CriticHealth().update_states(0, math.nan, data_state_abs_max=10.0) is not None
+    assert CriticHealth().update_states(0, math.nan, data_state_abs_max=10.0) is not None
 
 
 def test_rollouts_halt_as_terminations_where_a_state_leaves_the_widened_data_range():
@@ -430,3 +438,64 @@ def test_halting_is_on_by_default_and_runs_saved_before_it_never_halted():
     saved = asdict(drop.Args())
     del saved["halt_margin"]
     assert drop.args_from_dict(saved).halt_margin is None
+
+
+# ---------------------------------------------------------------------------------------------
+# One penalty interface: the loop never asks which penalty it holds.
+
+
+def test_the_loop_never_names_a_penalty():
+    """Adding a penalty is one class in penalties.py and one line in its registry: drop.py's rollout and loop never
+    compare against a penalty or ratio name, read --penalty or --ratio to branch, or ask for a penalty class."""
+    import ast
+    import inspect
+
+    names = {"drop", "mopo", "none", "dice", "classifier"}
+    classes = {cls.__name__ for cls in penalties.PENALTIES.values() if cls is not penalties.NoPenalty} | {"RatioPenalty"}  # NoPenalty is the interface's type
+    for function in (drop.rollout, drop.main, drop.log_epoch, drop.evaluation):
+        tree = ast.parse(inspect.getsource(function))
+        for compare in (node for node in ast.walk(tree) if isinstance(node, (ast.Compare, ast.If, ast.IfExp, ast.Match))):
+            inside = list(ast.walk(compare.test if isinstance(compare, (ast.If, ast.IfExp)) else compare))
+            assert not {n.value for n in inside if isinstance(n, ast.Constant)} & names, (function.__name__, ast.unparse(compare)[:80])
+            assert not {n.attr for n in inside if isinstance(n, ast.Attribute)} & {"penalty", "ratio"}, (function.__name__, ast.unparse(compare)[:80])
+        used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+        assert not used & classes, function.__name__
+    assert set(penalties.PENALTIES) == {"drop", "drop-classifier", "mopo", "none"}
+
+
+class ConstantPenalty(penalties.NoPenalty):
+    """A penalty a fork might add: the same amount on every sample, and a count of its training calls."""
+
+    trained = []
+
+    def train(self, steps):
+        self.trained.append(steps)
+        return {"steps": float(steps)}
+
+    def __call__(self, obs, act, groups):
+        return torch.full((len(obs),), 0.25, device=obs.device), None
+
+    def largest(self):
+        return 0.25
+
+
+def test_a_new_penalty_is_one_class_and_one_registry_line(hopper_file, tmp_path, monkeypatch):
+    """The loop trains it at each epoch's start, stores r - eta x its value, and logs what it returns."""
+    from test_drop import logged_scalars
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(penalties.PENALTIES, "mopo", ConstantPenalty)
+    stored = []
+    rollout = drop.rollout
+    monkeypatch.setattr(drop, "rollout", lambda *a: (rollout(*a), stored.append(a[-1].rew[: a[-1].size].clone()))[0])
+    dynamics_rewards = []
+    step = ProbabilisticEnsemble.sample_step
+    monkeypatch.setattr(ProbabilisticEnsemble, "sample_step", lambda self, *a: (lambda out: (dynamics_rewards.append(out[1]), out)[1])(step(self, *a)))
+    argv = ["--env", "hopper-medium-v2", "--dataset", hopper_file, "--penalty", "mopo", "--eta", "2", "--horizon", "1", "--epochs", "2",
+            "--steps-per-epoch", "4", "--rollout-freq", "4", "--rollout-batch-size", "30", "--dice-steps", "3", "--eval-every", "2", "--eval-episodes", "1",
+            "--sac.hidden", "16", "--sac.batch-size", "16", "--dynamics.num-members", "3", "--dynamics.num-elites", "2", "--dynamics.hidden", "16",
+            "--dynamics.max-epochs", "1", "--run-name", "constant"]  # fmt: skip
+    drop.main(tyro.cli(drop.Args, args=argv))
+    assert ConstantPenalty.trained == [100, 3, 3]  # the pretraining (--dice.pretrain-steps), then each epoch's --dice-steps
+    assert torch.allclose(stored[0], dynamics_rewards[0] - 2 * 0.25)
+    assert logged_scalars(str(tmp_path / "runs" / "constant"))["dice/steps"] == [3.0, 3.0]

@@ -19,13 +19,14 @@ import tyro
 
 import datasets
 import drop
+import dynamics
 from checkpoint import atomic_save
 from test_drop import HERE, TINY, assert_one_line_error, hopper_file, logged_scalars, run_script  # noqa: F401 (fixture)
 
 torch.set_num_threads(1)
 # Four epochs of 300 updates: about a second each, so a kill lands inside an epoch.
 LONG = [*TINY, "--epochs", "4", "--steps-per-epoch", "300", "--save-every", "1", "--eval-every", "2"]
-WEIGHT_KEYS = ("actor", "critic", "critic_target", "log_alpha", "actor_opt", "critic_opt", "alpha_opt", "dice", "dice_opt", "model_buffer", "rng")
+WEIGHT_KEYS = ("actor", "critic", "critic_target", "log_alpha", "actor_opt", "critic_opt", "alpha_opt", "penalty", "model_buffer", "rng")
 
 
 def drop_argv(hopper_file: str, run_name: str, *extra: str) -> list[str]:
@@ -177,7 +178,7 @@ def test_cached_dynamics_are_reused_and_give_the_same_run(hopper_file, tmp_path,
     reuse = [line for line in capsys.readouterr().out.splitlines() if line.startswith("reusing")]
     first, second = load(tmp_path / "runs" / "first" / "checkpoint.pt"), load(tmp_path / "runs" / "second" / "checkpoint.pt")
     assert len(reuse) == 1 and second["dynamics_path"] in reuse[0] and second["dynamics_path"].startswith(str(tmp_path / "cache"))
-    for key in ("actor", "critic", "dice", "model_buffer"):
+    for key in ("actor", "critic", "penalty", "model_buffer"):
         assert_same(first[key], second[key], key)
     # Another seed or dynamics config is another key; --no-dynamics-cache trains into the run; --dynamics-path wins.
     drop.main(tyro.cli(drop.Args, args=[*argv, "--run-name", "other-seed", "--seed", "1"]))
@@ -205,7 +206,7 @@ def test_two_runs_on_the_same_key_at_once_train_once_and_both_finish(hopper_file
     argv = ["--env", "hopper-medium-v2", "--dataset", hopper_file, *TINY]
     args = tyro.cli(drop.Args, args=argv)
     data = datasets.load_dataset(args.env, args.dataset)
-    cache_file = drop.dynamics_cache_file(data, data.transitions_sha256(), args.dynamics, args.seed)
+    cache_file = dynamics.cache_file(data.family, data.transitions_sha256(), args.dynamics, args.seed)
     os.makedirs(os.path.dirname(cache_file))
     with open(cache_file + ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -243,7 +244,7 @@ def test_a_nan_stops_the_run_naming_epoch_and_quantity_and_resume_with_another_s
     resumed = load(tmp_path / "runs" / "nan" / "checkpoint.pt")
     assert resumed["finished"] and resumed["args"]["seed"] == 1
     assert [group["lr"] for group in resumed["critic_opt"]["param_groups"]] == [1e-4]
-    assert resumed["dice_opt"]["param_groups"][2]["lr"] == 1e-3  # tau, f, nu
+    assert resumed["penalty"]["optimizer"]["param_groups"][2]["lr"] == 1e-3  # tau, f, nu
 
 
 def test_unwritable_runs_or_cache_folder_is_one_line_before_training(hopper_file, tmp_path, monkeypatch, capsys):
