@@ -12,7 +12,7 @@ import re
 import pytest
 import torch
 
-from test_drop import HERE, TINY, hopper_file, run_script  # noqa: F401 (fixture)
+from test_drop import ROOT, TINY, hopper_file, run_script  # noqa: F401 (fixture)
 
 SCORE = re.compile(r"normalized score: (-?[\d.]+)")
 
@@ -24,7 +24,7 @@ def workdir(tmp_path_factory):
 
 @pytest.mark.parametrize("penalty", ["drop", "mopo", "none"])
 def test_tiny_run_trains_checkpoints_and_scores(penalty, hopper_file, workdir):
-    result = run_script(os.path.join(HERE, "drop.py"), "--env", "hopper-medium-v2", "--dataset", hopper_file, *TINY, "--penalty", penalty, "--run-name", penalty, cwd=workdir)
+    result = run_script(os.path.join(ROOT, "drop.py"), "--env", "hopper-medium-v2", "--dataset", hopper_file, *TINY, "--penalty", penalty, "--run-name", penalty, cwd=workdir)
     assert result.returncode == 0, result.stderr
     assert math.isfinite(float(SCORE.search(result.stdout).group(1))), result.stdout
 
@@ -36,6 +36,6 @@ def test_tiny_run_trains_checkpoints_and_scores(penalty, hopper_file, workdir):
     with open(run_dir / "progress.csv") as file:
         assert [int(row["epoch"]) for row in csv.DictReader(file)] == [0, 1]
 
-    scored = run_script(os.path.join(HERE, "eval.py"), f"runs/{penalty}", "--episodes", "1", cwd=workdir)
+    scored = run_script(os.path.join(ROOT, "eval.py"), f"runs/{penalty}", "--episodes", "1", cwd=workdir)
     assert scored.returncode == 0, scored.stderr
     assert math.isfinite(float(SCORE.search(scored.stdout).group(1))), scored.stdout

@@ -25,7 +25,7 @@ from dice import penalty
 from dynamics import ProbabilisticEnsemble
 from tasks import TaskDefaults
 from sac import Actor
-from test_drop import HERE, hopper_file, runs  # noqa: F401 (fixtures)
+from test_drop import ROOT, hopper_file, runs  # noqa: F401 (fixtures)
 from test_dynamics import collect
 
 torch.set_num_threads(1)
@@ -267,7 +267,7 @@ def assert_figures_and_json(folder, penalties: list[str]) -> dict:
 
 
 def test_command_writes_figures_and_json(runs):
-    result = subprocess.run([sys.executable, f"{HERE}/diagnostics.py", "runs/drop", "--samples", "200", "--separation-steps", "50"], cwd=runs, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, f"{ROOT}/diagnostics.py", "runs/drop", "--samples", "200", "--separation-steps", "50"], cwd=runs, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     out = runs / "runs" / "drop" / "diagnostics"
     stats = assert_figures_and_json(out, ["drop", "mopo"])

@@ -18,7 +18,7 @@ from datasets import TanhGaussianPolicy
 from sac import SAC, Actor, Batch, ReplayBuffer, SACConfig, evaluate
 
 torch.set_num_threads(1)
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: the scripts under test
 # Pendulum-v1: a random policy scores about -1200 to -1500, a solved one about -150.
 PENDULUM_STEPS, PENDULUM_MIN_RETURN = 6000, -400.0
 
@@ -236,7 +236,7 @@ def test_evaluation_scales_the_deterministic_action_to_the_env_and_seeds_each_ep
 @pytest.mark.slow
 def test_online_sac_learns_pendulum(tmp_path):
     argv = ["--env", "Pendulum-v1", "--total-steps", str(PENDULUM_STEPS), "--learning-starts", "1000", "--eval-every", str(PENDULUM_STEPS), "--eval-episodes", "5", "--seed", "1", "--run-name", "pendulum"]
-    result = subprocess.run([sys.executable, os.path.join(HERE, "sac.py"), *argv], cwd=tmp_path, capture_output=True, text=True, timeout=1800)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "sac.py"), *argv], cwd=tmp_path, capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, result.stderr
     final = float(re.search(r"final eval return: (-?[\d.]+)", result.stdout).group(1))
     assert final > PENDULUM_MIN_RETURN, result.stdout

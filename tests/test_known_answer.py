@@ -21,10 +21,10 @@ import tyro
 import datasets
 import dice
 import dynamics
-from test_drop import HERE, hopper_file  # noqa: F401 (fixture)
+from test_drop import ROOT, hopper_file  # noqa: F401 (fixture)
 
 torch.set_num_threads(1)
-POLICY = f"{HERE}/policies/hopper-medium.npz"
+POLICY = f"{ROOT}/policies/hopper-medium.npz"
 TRANSITIONS = 20_000  # per behaviour policy
 # Three full-size members trained for 30 epochs. The model error moves tau: with 64-unit members
 # after 15 epochs (holdout MSE 0.12) E_D[tau] was 0.91 and the split halves 1.25 / 0.13.

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: the scripts under test
 
 DICE_BLOCK_START = "            if dice is not None and progress.step == 0:\n"
 EPOCH_END = "            # The epoch's means"
@@ -161,13 +161,14 @@ def watching_tests(file: str, breaks: str) -> list[str]:
 
 
 def run_tests_on_a_copy(tmp_path, file: str, change, tests: list[str] | None = None) -> subprocess.CompletedProcess:
-    for name in os.listdir(HERE):
-        if name.endswith((".py", ".ini")):
-            shutil.copy(os.path.join(HERE, name), tmp_path / name)
-    os.symlink(os.path.join(HERE, "policies"), tmp_path / "policies")  # the built-in behaviour policies
+    for name in os.listdir(ROOT):
+        if name.endswith(".py") or name == "pyproject.toml":
+            shutil.copy(os.path.join(ROOT, name), tmp_path / name)
+    shutil.copytree(os.path.join(ROOT, "tests"), tmp_path / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+    os.symlink(os.path.join(ROOT, "policies"), tmp_path / "policies")  # the built-in behaviour policies
     (tmp_path / file).write_text(change((tmp_path / file).read_text()))
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *(tests or TESTS[file])],
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *(f"tests/{name}" for name in tests or TESTS[file])],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
 
 

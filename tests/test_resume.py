@@ -21,7 +21,7 @@ import datasets
 import drop
 import dynamics
 from checkpoint import atomic_save
-from test_drop import HERE, TINY, assert_one_line_error, hopper_file, logged_scalars, run_script  # noqa: F401 (fixture)
+from test_drop import ROOT, TINY, assert_one_line_error, hopper_file, logged_scalars, run_script  # noqa: F401 (fixture)
 
 torch.set_num_threads(1)
 # Four epochs of 300 updates: about a second each, so a kill lands inside an epoch.
@@ -73,7 +73,7 @@ def uninterrupted(hopper_file, workdir) -> dict:
 def start_and_stop(hopper_file: str, workdir, run_name: str, signum: int) -> subprocess.CompletedProcess:
     """Start drop.py, wait for its first checkpoint, send `signum` a moment later (inside epoch 2)."""
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, os.path.join(HERE, "drop.py"), *drop_argv(hopper_file, run_name)], cwd=workdir, env=env,
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "drop.py"), *drop_argv(hopper_file, run_name)], cwd=workdir, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # one stream, as a terminal shows it
     checkpoint = workdir / "runs" / run_name / "checkpoint.pt"
     deadline = time.monotonic() + 120
@@ -88,7 +88,7 @@ def start_and_stop(hopper_file: str, workdir, run_name: str, signum: int) -> sub
 
 
 def resume(workdir, run_name: str, *extra: str) -> subprocess.CompletedProcess:
-    result = run_script(os.path.join(HERE, "drop.py"), "--resume", f"runs/{run_name}", *extra, cwd=workdir)
+    result = run_script(os.path.join(ROOT, "drop.py"), "--resume", f"runs/{run_name}", *extra, cwd=workdir)
     assert result.returncode == 0, result.stderr
     return result
 
@@ -210,7 +210,7 @@ def test_two_runs_on_the_same_key_at_once_train_once_and_both_finish(hopper_file
     os.makedirs(os.path.dirname(cache_file))
     with open(cache_file + ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        runs = [subprocess.Popen([sys.executable, os.path.join(HERE, "drop.py"), *argv, "--run-name", name], cwd=tmp_path, env=env,
+        runs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "drop.py"), *argv, "--run-name", name], cwd=tmp_path, env=env,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in ("a", "b")]
         waited = [read_until(run, "waiting for another run") for run in runs]
         fcntl.flock(lock, fcntl.LOCK_UN)
@@ -270,7 +270,7 @@ def test_a_full_disk_at_the_checkpoint_is_one_line_and_leaves_no_partial_file(ho
 
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     argv = ["--env", "hopper-medium-v2", "--dataset", hopper_file, *TINY, "--run-name", "full"]
-    result = subprocess.run([sys.executable, os.path.join(HERE, "drop.py"), *argv], cwd=tmp_path, env=env, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "drop.py"), *argv], cwd=tmp_path, env=env, capture_output=True, text=True,
                             timeout=300, preexec_fn=limit_file_size)
     result.stderr = "\n".join(line for line in result.stderr.splitlines() if "%|" not in line)  # progress bars
     assert_one_line_error(result, "could not write runs/full/checkpoint.pt", "File too large")
@@ -307,4 +307,4 @@ def test_truncated_or_foreign_checkpoints_are_one_line_for_resume_and_eval(workd
             drop.parse_args(["--resume", str(tmp_path / name)])
         assert "\n" not in str(error.value)
     for name in ("truncated", "foreign"):
-        assert_one_line_error(run_script(os.path.join(HERE, "eval.py"), str(tmp_path / name), cwd=tmp_path), f"{name}/checkpoint.pt")
+        assert_one_line_error(run_script(os.path.join(ROOT, "eval.py"), str(tmp_path / name), cwd=tmp_path), f"{name}/checkpoint.pt")

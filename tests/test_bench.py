@@ -12,13 +12,13 @@ from dice import GradientDICE
 from dynamics import DynamicsConfig, ProbabilisticEnsemble
 
 torch.set_num_threads(1)
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: the scripts under test
 TOLERANCE = 1e-5  # float32 round-off between differently ordered matmuls
 
 
 def test_tiny_bench_writes_every_field(tmp_path):
     out = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--tiny", "--families", "hopper", "--json", str(out)], capture_output=True, text=True, timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--tiny", "--families", "hopper", "--json", str(out)], capture_output=True, text=True, timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
     assert "drop/none" in result.stdout
     report = json.loads(out.read_text())["hopper"]

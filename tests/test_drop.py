@@ -17,7 +17,7 @@ import drop
 from checkpoint import PROGRESS_COLUMNS, write_progress
 
 torch.set_num_threads(1)
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: the scripts under test
 # A run small enough for CI: tiny networks, a few updates, two epochs.
 TINY = [
     "--epochs", "2", "--steps-per-epoch", "20", "--rollout-freq", "10", "--rollout-batch-size", "200",
@@ -136,7 +136,7 @@ def test_checkpoint_loads_weights_only(runs):
 
 
 def test_eval_prints_normalized_score(runs):
-    result = run_script(os.path.join(HERE, "eval.py"), "runs/drop", "--episodes", "2", cwd=runs)
+    result = run_script(os.path.join(ROOT, "eval.py"), "runs/drop", "--episodes", "2", cwd=runs)
     assert result.returncode == 0, result.stderr
     line = [l for l in result.stdout.splitlines() if l.startswith("normalized score:")]
     assert line and "±" in line[0], result.stdout
@@ -145,7 +145,7 @@ def test_eval_prints_normalized_score(runs):
 
 
 def test_eval_refuses_checkpoint_for_another_env(runs):
-    result = run_script(os.path.join(HERE, "eval.py"), "runs/drop", "--env", "Walker2d-v4", cwd=runs)
+    result = run_script(os.path.join(ROOT, "eval.py"), "runs/drop", "--env", "Walker2d-v4", cwd=runs)
     assert_one_line_error(result, "hopper", "Walker2d-v4")
 
 
@@ -153,7 +153,7 @@ def test_dynamics_from_another_env_is_refused(runs, tmp_path):
     walker = tmp_path / "walker.hdf5"
     datasets.collect("Walker2d-v4", "random", 300, seed=0, out=walker)
     hopper_dynamics = torch.load(runs / "runs" / "drop" / "checkpoint.pt", weights_only=True)["dynamics_path"]
-    result = run_script(os.path.join(HERE, "drop.py"), "--env", "walker2d-medium-v2", "--dataset", str(walker), "--dynamics-path", hopper_dynamics, *TINY, cwd=tmp_path)
+    result = run_script(os.path.join(ROOT, "drop.py"), "--env", "walker2d-medium-v2", "--dataset", str(walker), "--dynamics-path", hopper_dynamics, *TINY, cwd=tmp_path)
     assert_one_line_error(result, "hopper", "walker2d")
 
 
@@ -162,26 +162,26 @@ def test_dynamics_trained_on_other_transitions_are_used_with_a_warning(runs, tmp
     other = tmp_path / "other.hdf5"
     datasets.collect("Hopper-v4", "random", 300, seed=1, out=other)
     hopper_dynamics = torch.load(runs / "runs" / "drop" / "checkpoint.pt", weights_only=True)["dynamics_path"]
-    result = run_script(os.path.join(HERE, "drop.py"), "--env", "hopper-medium-v2", "--dataset", str(other), "--dynamics-path", hopper_dynamics, *TINY, cwd=tmp_path)
+    result = run_script(os.path.join(ROOT, "drop.py"), "--env", "hopper-medium-v2", "--dataset", str(other), "--dynamics-path", hopper_dynamics, *TINY, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert [line for line in result.stderr.splitlines() if "other transitions" in line and hopper_dynamics in line]
 
 
 def test_unknown_env_lists_valid_names(tmp_path):
-    result = run_script(os.path.join(HERE, "drop.py"), "--env", "hopper-mediocre-v2", cwd=tmp_path)
+    result = run_script(os.path.join(ROOT, "drop.py"), "--env", "hopper-mediocre-v2", cwd=tmp_path)
     assert_one_line_error(result, "hopper-mediocre-v2", "hopper-medium-v2", "builtin-hopper-random")
 
 
 def test_dataset_with_wrong_observation_size_is_refused(tmp_path):
     walker = tmp_path / "walker.hdf5"
     datasets.collect("Walker2d-v4", "random", 100, seed=0, out=walker)
-    result = run_script(os.path.join(HERE, "drop.py"), "--env", "hopper-medium-v2", "--dataset", str(walker), cwd=tmp_path)
+    result = run_script(os.path.join(ROOT, "drop.py"), "--env", "hopper-medium-v2", "--dataset", str(walker), cwd=tmp_path)
     assert_one_line_error(result, str(walker), "observations")
     assert not os.path.exists(tmp_path / "runs")
 
 
 def test_help_explains_every_flag():
-    result = run_script(os.path.join(HERE, "drop.py"), "--help", cwd=HERE)
+    result = run_script(os.path.join(ROOT, "drop.py"), "--help", cwd=ROOT)
     assert result.returncode == 0
     for flag, words in [("--eta", "penalty coefficient"), ("--dynamics-path", "reuse an ensemble"), ("--sac.polyak", "target-critic")]:
         assert flag in result.stdout and words in result.stdout, flag
@@ -237,13 +237,13 @@ def test_impossible_values_are_refused_before_any_data_is_collected(tmp_path):
     """`python drop.py --eta -1` on a fresh machine: one line at once, not after collecting 200k transitions."""
     for argv, words in [(["--eta", "-1"], "--eta -1.0 (at least 0)"), (["--epochs", "0"], "--epochs 0 (at least 1)"),
                         (["--penalty", "mopo", "--ratio", "classifier"], "--ratio classifier is DROP's ratio estimator")]:
-        result = run_script(os.path.join(HERE, "drop.py"), *argv, cwd=tmp_path, env_extra={"DROP_DATA_DIR": str(tmp_path / "data")})
+        result = run_script(os.path.join(ROOT, "drop.py"), *argv, cwd=tmp_path, env_extra={"DROP_DATA_DIR": str(tmp_path / "data")})
         assert_one_line_error(result, words)
         assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
 
 
 def test_the_old_dice_lambda_flag_names_the_new_one(tmp_path):
-    result = run_script(os.path.join(HERE, "drop.py"), "--dice.lam", "0.5", cwd=tmp_path)
+    result = run_script(os.path.join(ROOT, "drop.py"), "--dice.lam", "0.5", cwd=tmp_path)
     assert_one_line_error(result, "--dice.lam is now --dice-lambda")
 
 

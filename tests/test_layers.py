@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: the scripts under test
 LIBRARY = ["checkpoint.py", "classifier.py", "datasets.py", "dice.py", "dynamics.py", "eval.py", "nets.py", "sac.py", "tasks.py"]
 ABOVE_THE_LIBRARY = {"drop", "bench", "diagnostics", "sweep"}
 
@@ -26,4 +26,4 @@ def imported_modules(path: str) -> set[str]:
 
 @pytest.mark.parametrize("file", LIBRARY)
 def test_library_files_import_neither_the_loop_nor_its_commands(file):
-    assert not imported_modules(os.path.join(HERE, file)) & ABOVE_THE_LIBRARY
+    assert not imported_modules(os.path.join(ROOT, file)) & ABOVE_THE_LIBRARY
