@@ -27,11 +27,10 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 import drop
-from checkpoint import RESUME_KEYS, EpochProgress, buffer_state, load_buffer_state, load_checkpoint, save_checkpoint
+from checkpoint import RESUME_KEYS, RunRecord, buffer_state, load_buffer_state, load_checkpoint, save_checkpoint
 from datasets import OBS_ACT_DIMS
 from dice import DiceConfig, resolve
 from dynamics import DynamicsConfig, ProbabilisticEnsemble, transition_targets
-from health import CriticHealth
 from penalties import build_penalty
 from sac import SAC, ReplayBuffer, SACConfig, pick_device
 
@@ -74,7 +73,16 @@ class Args:
     """where --checkpoint writes it (removed afterwards)"""
 
 
-TINY = dict(num_transitions=2000, rollout_batch_size=500, horizon=2, sac_updates=10, dice_steps=5, dynamics_steps=3, repeats=1, warmup=0)
+TINY = dict(
+    num_transitions=2000,
+    rollout_batch_size=500,
+    horizon=2,
+    sac_updates=10,
+    dice_steps=5,
+    dynamics_steps=3,
+    repeats=1,
+    warmup=0,
+)
 
 
 def synchronize(device: torch.device):
@@ -91,7 +99,9 @@ def timed(fn, device: torch.device):
     return result, time.perf_counter() - start
 
 
-def dynamics_seconds_per_epoch(dynamics: ProbabilisticEnsemble, real: ReplayBuffer, args: Args, device: torch.device) -> float:
+def dynamics_seconds_per_epoch(
+    dynamics: ProbabilisticEnsemble, real: ReplayBuffer, args: Args, device: torch.device
+) -> float:
     """Time `dynamics_steps` training steps; one epoch is one pass of every member over its bootstrap sample."""
     optimizer = torch.optim.Adam(dynamics.parameters(), lr=dynamics.config.lr)
     batch = dynamics.config.batch_size
@@ -99,7 +109,9 @@ def dynamics_seconds_per_epoch(dynamics: ProbabilisticEnsemble, real: ReplayBuff
     def steps():
         for _ in range(args.dynamics_steps):
             idx = torch.randint(real.size, (dynamics.config.num_members, batch), device=device)
-            loss = dynamics.loss(real.obs[idx], real.act[idx], transition_targets(real.obs[idx], real.next_obs[idx], real.rew[idx]))
+            loss = dynamics.loss(
+                real.obs[idx], real.act[idx], transition_targets(real.obs[idx], real.next_obs[idx], real.rew[idx])
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -113,7 +125,13 @@ def bench_family(family: str, args: Args, device: torch.device) -> dict:
     obs_dim, act_dim = OBS_ACT_DIMS[family]
     real = ReplayBuffer(args.num_transitions, obs_dim, act_dim, device)
     n = args.num_transitions
-    real.add(torch.randn(n, obs_dim, device=device), torch.rand(n, act_dim, device=device) * 2 - 1, torch.randn(n, device=device), torch.randn(n, obs_dim, device=device), torch.zeros(n, device=device))
+    real.add(
+        torch.randn(n, obs_dim, device=device),
+        torch.rand(n, act_dim, device=device) * 2 - 1,
+        torch.randn(n, device=device),
+        torch.randn(n, obs_dim, device=device),
+        torch.zeros(n, device=device),
+    )
     real_obs, real_act = real.obs[: real.size], real.act[: real.size]
     dynamics = ProbabilisticEnsemble(obs_dim, act_dim, DynamicsConfig()).to(device)
     dynamics_seconds = dynamics_seconds_per_epoch(dynamics, real, args, device)
@@ -121,18 +139,37 @@ def bench_family(family: str, args: Args, device: torch.device) -> dict:
 
     runs = {}
     for name in PENALTIES:
-        given = drop.Args(penalty=name, rollout_batch_size=args.rollout_batch_size, sac=args.sac, horizon=args.horizon, dice_steps=args.dice_steps, clip=(0.01, 10.0), transform="log")
+        given = drop.Args(
+            penalty=name,
+            rollout_batch_size=args.rollout_batch_size,
+            sac=args.sac,
+            horizon=args.horizon,
+            dice_steps=args.dice_steps,
+            clip=(0.01, 10.0),
+            transform="log",
+        )
         drop_args, _ = drop.settings(given, f"{family}-medium")
         agent = SAC(obs_dim, act_dim, args.sac, device)
         model_buffer = ReplayBuffer(drop.model_buffer_capacity(drop_args, args.horizon), obs_dim, act_dim, device)
         sample_action = (lambda actor: lambda obs: actor(obs)[0])(agent.actor)
         # DROP's penalty caches each elite's next state for the data once (its cost is reported apart).
-        penalty, cache_seconds = timed(lambda: build_penalty(drop_args, dynamics, real_obs, real_act, model_buffer, sample_action), device)
-        runs[name] = dict(args=drop_args, agent=agent, buffer=model_buffer, penalty=penalty, sample_action=sample_action, times=[],
-                          cache_seconds=cache_seconds if name == "drop" else None)
+        penalty, cache_seconds = timed(
+            lambda: build_penalty(drop_args, dynamics, real_obs, real_act, model_buffer, sample_action), device
+        )
+        runs[name] = dict(
+            args=drop_args,
+            agent=agent,
+            buffer=model_buffer,
+            penalty=penalty,
+            sample_action=sample_action,
+            times=[],
+            cache_seconds=cache_seconds if name == "drop" else None,
+        )
     dice_config = resolve(DiceConfig())
 
-    terminated_fn = drop.rollout_termination("halfcheetah", real_obs, drop.Args().halt_margin)  # drop.py's default: halt outside the data's range
+    terminated_fn = drop.rollout_termination(
+        "halfcheetah", real_obs, drop.Args().halt_margin
+    )  # drop.py's default: halt outside the data's range
 
     def epoch(run) -> dict[str, float]:
         """One drop.py epoch, each part timed."""
@@ -141,11 +178,20 @@ def bench_family(family: str, args: Args, device: torch.device) -> dict:
         if run["args"].penalty == "drop":
             _, parts["dice_seconds"] = timed(lambda: penalty.train(args.dice_steps), device)
             # Policy sampling alone: a' for each elite's next state plus a0, (elites + 1) x batch rows a step.
-            rows = real_obs[torch.randint(real.size, (args.dice_steps, (len(dynamics.elites) + 1) * dice_config.batch_size), device=device)]
+            rows = real_obs[
+                torch.randint(
+                    real.size, (args.dice_steps, (len(dynamics.elites) + 1) * dice_config.batch_size), device=device
+                )
+            ]
             with torch.no_grad():
-                _, parts["dice_policy_seconds"] = timed(lambda: [sample_action(step_rows) for step_rows in rows], device)
+                _, parts["dice_policy_seconds"] = timed(
+                    lambda: [sample_action(step_rows) for step_rows in rows], device
+                )
         start_obs = real_obs[torch.randint(real.size, (args.rollout_batch_size,), device=device)]
-        _, parts["rollout_seconds"] = timed(lambda: drop.rollout(dynamics, agent.actor, penalty, start_obs, run["args"], terminated_fn, run["buffer"]), device)
+        _, parts["rollout_seconds"] = timed(
+            lambda: drop.rollout(dynamics, agent.actor, penalty, start_obs, run["args"], terminated_fn, run["buffer"]),
+            device,
+        )
 
         def updates():
             for _ in range(args.sac_updates):
@@ -166,12 +212,17 @@ def bench_family(family: str, args: Args, device: torch.device) -> dict:
     for penalty, run in runs.items():
         keys = run["times"][0].keys()
         results[penalty] = {key: statistics.median(t[key] for t in run["times"]) for key in keys}
-        results[penalty]["spread"] = {key: [min(t[key] for t in run["times"]), max(t[key] for t in run["times"])] for key in keys}
+        results[penalty]["spread"] = {
+            key: [min(t[key] for t in run["times"]), max(t[key] for t in run["times"])] for key in keys
+        }
         results[penalty]["dynamics_train_seconds_per_epoch"] = dynamics_seconds
         if run["cache_seconds"] is not None:
             results[penalty]["dice_cache_seconds_once"] = run["cache_seconds"]
     epoch_seconds = {p: results[p]["epoch_seconds"] for p in PENALTIES}
-    results["ratios"] = {"drop_over_none": epoch_seconds["drop"] / epoch_seconds["none"], "drop_over_mopo": epoch_seconds["drop"] / epoch_seconds["mopo"]}
+    results["ratios"] = {
+        "drop_over_none": epoch_seconds["drop"] / epoch_seconds["none"],
+        "drop_over_mopo": epoch_seconds["drop"] / epoch_seconds["mopo"],
+    }
     results["peak_rss_mb"] = peak_rss_mb()
     if device.type == "cuda":
         results["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -180,13 +231,19 @@ def bench_family(family: str, args: Args, device: torch.device) -> dict:
 
 def print_table(family: str, results: dict):
     print(f"\n{family}: epoch = DICE + rollout + SAC updates (median of repeats; [min, max])")
-    print(f"{'penalty':8} {'epoch s':>20} {'DICE s':>8} {'of it pi s':>10} {'rollout s':>10} {'SAC upd/s':>10} {'dyn train s/epoch':>18}")
+    print(
+        f"{'penalty':8} {'epoch s':>20} {'DICE s':>8} {'of it pi s':>10} {'rollout s':>10} {'SAC upd/s':>10} {'dyn train s/epoch':>18}"
+    )
     for penalty in PENALTIES:
         r = results[penalty]
         lo, hi = r["spread"]["epoch_seconds"]
-        print(f"{penalty:8} {r['epoch_seconds']:8.2f} [{lo:5.2f}, {hi:5.2f}] {r['dice_seconds']:8.2f} {r['dice_policy_seconds']:10.2f} {r['rollout_seconds']:10.2f} {r['sac_updates_per_s']:10.1f} {r['dynamics_train_seconds_per_epoch']:18.1f}")
+        print(
+            f"{penalty:8} {r['epoch_seconds']:8.2f} [{lo:5.2f}, {hi:5.2f}] {r['dice_seconds']:8.2f} {r['dice_policy_seconds']:10.2f} {r['rollout_seconds']:10.2f} {r['sac_updates_per_s']:10.1f} {r['dynamics_train_seconds_per_epoch']:18.1f}"
+        )
     ratios = results["ratios"]
-    print(f"drop/none = {ratios['drop_over_none']:.3f} (target <= 1.10), drop/mopo = {ratios['drop_over_mopo']:.3f} (target <= 1.00), peak RSS {results['peak_rss_mb']:.0f} MB")
+    print(
+        f"drop/none = {ratios['drop_over_none']:.3f} (target <= 1.10), drop/mopo = {ratios['drop_over_mopo']:.3f} (target <= 1.00), peak RSS {results['peak_rss_mb']:.0f} MB"
+    )
 
 
 def peak_rss_mb() -> float:
@@ -206,18 +263,23 @@ def bench_checkpoint(family: str, args: Args):
     agent = SAC(obs_dim, act_dim, run.sac, cpu)
     model_buffer = ReplayBuffer(drop.model_buffer_capacity(run, run.horizon), obs_dim, act_dim, cpu)
     dynamics = ProbabilisticEnsemble(obs_dim, act_dim, run.dynamics)
-    penalty = build_penalty(run, dynamics, torch.zeros(1, obs_dim), torch.zeros(1, act_dim), model_buffer, lambda obs: agent.actor(obs)[0])
+    penalty = build_penalty(
+        run, dynamics, torch.zeros(1, obs_dim), torch.zeros(1, act_dim), model_buffer, lambda obs: agent.actor(obs)[0]
+    )
     for storage in (model_buffer.obs, model_buffer.act, model_buffer.rew, model_buffer.next_obs):
         storage.normal_()  # in place: no second copy in memory before the measurement
     model_buffer.size = model_buffer.capacity
-    data = type("Data", (), {"name": run.env, "family": family, "eval_env_id": "", "obs_dim": obs_dim, "act_dim": act_dim})()
+    data = type(
+        "Data", (), {"name": run.env, "family": family, "eval_env_id": "", "obs_dim": obs_dim, "act_dim": act_dim}
+    )()
     eval_history = [{"epoch": 10 * i + 9, "normalized_score": 0.0} for i in range(run.epochs // 10)]
+    record = RunRecord("", run, data, "", "", run.epochs, eval_history=eval_history)
     buffer_mb = sum(t.nbytes for t in buffer_state(model_buffer).values() if isinstance(t, torch.Tensor)) / 2**20
 
     rss_before, seconds = current_rss_mb(), []
     for _ in range(args.repeats):
         start = time.perf_counter()
-        save_checkpoint(args.checkpoint_out, agent, penalty, model_buffer, run, data, run.epochs, 0, EpochProgress(), eval_history, "", "", 0.0, CriticHealth())
+        save_checkpoint(args.checkpoint_out, agent, penalty, model_buffer, record, 0)
         seconds.append(time.perf_counter() - start)
     peak = peak_rss_mb()
     size_mb = os.path.getsize(args.checkpoint_out) / 2**20
@@ -227,10 +289,16 @@ def bench_checkpoint(family: str, args: Args):
     load_seconds = time.perf_counter() - start
     os.remove(args.checkpoint_out)
     write = statistics.median(seconds)
-    print(f"{family}: model buffer {model_buffer.capacity:,} transitions ({buffer_mb:.0f} MB); checkpoint {size_mb:.0f} MB")
-    print(f"write (torch.save + fsync + rename): median {write:.2f} s over {args.repeats} [{min(seconds):.2f}, {max(seconds):.2f}]; "
-          f"every {run.eval_every} epochs of ~9 s: {100 * write / (run.eval_every * 9):.2f}% of the run")
-    print(f"memory: RSS {rss_before:.0f} MB before writing, peak {peak:.0f} MB while writing (+{peak - rss_before:.0f} MB)")
+    print(
+        f"{family}: model buffer {model_buffer.capacity:,} transitions ({buffer_mb:.0f} MB); checkpoint {size_mb:.0f} MB"
+    )
+    print(
+        f"write (torch.save + fsync + rename): median {write:.2f} s over {args.repeats} [{min(seconds):.2f}, {max(seconds):.2f}]; "
+        f"every {run.eval_every} epochs of ~9 s: {100 * write / (run.eval_every * 9):.2f}% of the run"
+    )
+    print(
+        f"memory: RSS {rss_before:.0f} MB before writing, peak {peak:.0f} MB while writing (+{peak - rss_before:.0f} MB)"
+    )
     print(f"read back (resume: open the file, copy the buffer in; file in the page cache): {load_seconds:.2f} s")
 
 

@@ -16,6 +16,7 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 import typing
 from dataclasses import asdict, dataclass, field
 from typing import IO, Callable
@@ -33,7 +34,9 @@ def write_failure(path: str, error: BaseException) -> SystemExit:
     while reason is not None and not isinstance(reason, OSError):  # torch.save wraps the OSError in a RuntimeError
         reason = reason.__context__
     why = (reason.strerror or str(reason)) if reason is not None else " ".join(str(error).split())
-    return SystemExit(f"error: could not write {path} ({why}); free some space or choose a writable folder (the previous file, if any, is unchanged)")
+    return SystemExit(
+        f"error: could not write {path} ({why}); free some space or choose a writable folder (the previous file, if any, is unchanged)"
+    )
 
 
 def atomic_write(path: str, write: Callable[[IO], None], binary: bool = True):
@@ -100,7 +103,13 @@ def rng_state() -> dict:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "has_gauss": has_gauss, "cached_gaussian": cached_gaussian},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "cached_gaussian": cached_gaussian,
+        },
         "python": {"version": version, "state": list(python_state), "gauss_next": gauss_next},
     }
 
@@ -110,14 +119,31 @@ def set_rng_state(state: dict):
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     numpy = state["numpy"]
-    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"], numpy["cached_gaussian"]))
+    np.random.set_state(
+        (
+            numpy["kind"],
+            numpy["keys"].numpy().astype(np.uint32),
+            numpy["pos"],
+            numpy["has_gauss"],
+            numpy["cached_gaussian"],
+        )
+    )
     python = state["python"]
     random.setstate((python["version"], tuple(python["state"]), python["gauss_next"]))
 
 
 def buffer_state(buffer: ReplayBuffer) -> dict:
     """The buffer's own tensors (no copy: torch.save streams them) and its write position."""
-    return {"obs": buffer.obs, "act": buffer.act, "rew": buffer.rew, "next_obs": buffer.next_obs, "done": buffer.done, "member": buffer.member, "ptr": buffer.ptr, "size": buffer.size}
+    return {
+        "obs": buffer.obs,
+        "act": buffer.act,
+        "rew": buffer.rew,
+        "next_obs": buffer.next_obs,
+        "done": buffer.done,
+        "member": buffer.member,
+        "ptr": buffer.ptr,
+        "size": buffer.size,
+    }
 
 
 def load_buffer_state(buffer: ReplayBuffer, state: dict):
@@ -136,7 +162,9 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict):
         group["lr"] = lr
 
 
-def load_checkpoint(path: str, required: tuple[str, ...], device: str | torch.device = "cpu", mmap: bool = False) -> dict:
+def load_checkpoint(
+    path: str, required: tuple[str, ...], device: str | torch.device = "cpu", mmap: bool = False
+) -> dict:
     """A checkpoint written by drop.py, or one line saying why `path` is not one (missing, truncated, foreign)."""
     if not os.path.isfile(path):
         raise SystemExit(f"error: no checkpoint at {path}; pass a runs/RUN folder written by drop.py")
@@ -145,9 +173,13 @@ def load_checkpoint(path: str, required: tuple[str, ...], device: str | torch.de
         missing = [key for key in required if key not in checkpoint]
     except Exception as e:
         reason = " ".join(str(e).split())[:200]
-        raise SystemExit(f"error: {path} is not a readable drop.py checkpoint (truncated or another program's file: {type(e).__name__}: {reason})")
+        raise SystemExit(
+            f"error: {path} is not a readable drop.py checkpoint (truncated or another program's file: {type(e).__name__}: {reason})"
+        )
     if missing:
-        raise SystemExit(f"error: {path} is not a drop.py checkpoint with what this needs (missing {', '.join(missing)})")
+        raise SystemExit(
+            f"error: {path} is not a drop.py checkpoint with what this needs (missing {', '.join(missing)})"
+        )
     return checkpoint
 
 
@@ -161,15 +193,33 @@ class EpochProgress:
 
     step: int = 0
     """SAC updates done (the epoch's DICE training comes before the first)"""
-    dice: dict[str, float] = field(default_factory=dict)
-    """the epoch's DICE statistics"""
+    penalty_stats: dict[str, float] = field(default_factory=dict)
+    """what the penalty's training returned at the epoch's start (a ratio's objective and E_D[tau])"""
     rollouts: list[dict[str, float]] = field(default_factory=list)
     """each rollout's summary"""
     loss_sums: dict[str, torch.Tensor] = field(default_factory=dict)
     """SAC's losses summed over the updates (tensors: no host sync per update)"""
 
+    def add(self, losses: dict[str, torch.Tensor]):
+        """One SAC update done, with these losses."""
+        self.loss_sums = {name: self.loss_sums.get(name, 0.0) + value for name, value in losses.items()}
+        self.step += 1
 
-PROGRESS_COLUMNS = ["epoch", "normalized_score", "normalized_score_std", "return", "wall_seconds", "penalty_mean", "rollout_tau_mean", "rollout_tau_median"]
+    def sac_means(self) -> dict[str, float]:
+        """The epoch's mean SAC losses so far (one host sync)."""
+        return {name: (value / max(self.step, 1)).item() for name, value in self.loss_sums.items()}
+
+
+PROGRESS_COLUMNS = [
+    "epoch",
+    "normalized_score",
+    "normalized_score_std",
+    "return",
+    "wall_seconds",
+    "penalty_mean",
+    "rollout_tau_mean",
+    "rollout_tau_median",
+]
 
 
 def write_progress(path: str, rows: list[dict]):
@@ -179,21 +229,50 @@ def write_progress(path: str, rows: list[dict]):
     """
 
     def write(file):
-        writer = csv.DictWriter(file, PROGRESS_COLUMNS, restval="nan")  # evaluations saved before a column existed lack it
+        writer = csv.DictWriter(
+            file, PROGRESS_COLUMNS, restval="nan"
+        )  # evaluations saved before a column existed lack it
         writer.writeheader()
         writer.writerows(rows)
 
     atomic_write(path, write, binary=False)
 
 
-def save_checkpoint(path: str, agent: SAC, penalty, model_buffer: ReplayBuffer, args, data, epochs: int, epoch: int, progress: EpochProgress,
-                    eval_history: list[dict], dynamics_path: str, data_sha256: str, wall_seconds: float, critic_health: CriticHealth):
+@dataclass
+class RunRecord:
+    """What a run keeps besides its networks and buffers: its folder, its arguments as given, its data and ensemble, and
+    what it has done so far. Saved whole at each checkpoint, so that a resumed run continues exactly."""
+
+    run_dir: str
+    args: object
+    """the arguments as given (the per-dataset table fills the rest again on resume)"""
+    data: object
+    """the OfflineDataset"""
+    data_sha256: str
+    dynamics_path: str
+    epochs: int
+    progress: EpochProgress = field(default_factory=EpochProgress)
+    """how far the epoch under way got"""
+    eval_history: list[dict] = field(default_factory=list)
+    critic_health: CriticHealth = field(default_factory=CriticHealth)
+    wall_offset: float = 0.0
+    """the wall seconds of the run before this process took it on"""
+    started: float = field(default_factory=time.perf_counter)
+
+    def wall_seconds(self) -> float:
+        return self.wall_offset + time.perf_counter() - self.started
+
+    def save(self, epoch: int, agent: SAC, penalty, model_buffer: ReplayBuffer):
+        save_checkpoint(os.path.join(self.run_dir, "checkpoint.pt"), agent, penalty, model_buffer, self, epoch)
+
+
+def save_checkpoint(path: str, agent: SAC, penalty, model_buffer: ReplayBuffer, record: RunRecord, epoch: int):
     """Everything needed to continue the run exactly, and what eval.py needs, loadable with weights_only=True.
 
-    `args` are the arguments as given (the per-dataset table fills the rest again on resume);
-    `epoch` is the last completed epoch; `progress` says how far the next one got. The eval env
-    needs no RNG state: it is built anew and reset with fixed seeds at every evaluation.
+    `epoch` is the last completed epoch; `record.progress` says how far the next one got. The eval
+    env needs no RNG state: it is built anew and reset with fixed seeds at every evaluation.
     """
+    data, epochs = record.data, record.epochs
     payload = {
         "actor": agent.actor.state_dict(),
         "critic": agent.critic.state_dict(),
@@ -205,22 +284,22 @@ def save_checkpoint(path: str, agent: SAC, penalty, model_buffer: ReplayBuffer, 
         "penalty": penalty.state_dict(),
         "model_buffer": buffer_state(model_buffer),
         "rng": rng_state(),
-        "args": asdict(args),
+        "args": asdict(record.args),
         "dataset": data.name,
-        "data_sha256": data_sha256,
+        "data_sha256": record.data_sha256,
         "family": data.family,
         "eval_env_id": data.eval_env_id,
         "obs_dim": data.obs_dim,
         "act_dim": data.act_dim,
         "epoch": epoch,
-        "epoch_progress": asdict(progress),
-        "critic_health": asdict(critic_health),
+        "epoch_progress": asdict(record.progress),
+        "critic_health": asdict(record.critic_health),
         "epochs": epochs,
         "finished": epoch + 1 == epochs,
-        "eval_history": eval_history,
-        "normalized_score": eval_history[-1]["normalized_score"] if eval_history else float("nan"),
-        "dynamics_path": dynamics_path,
-        "wall_seconds": wall_seconds,
+        "eval_history": record.eval_history,
+        "normalized_score": record.eval_history[-1]["normalized_score"] if record.eval_history else float("nan"),
+        "dynamics_path": record.dynamics_path,
+        "wall_seconds": record.wall_seconds(),
     }
     atomic_save(payload, path)
 
@@ -229,34 +308,82 @@ def penalty_state(checkpoint: dict) -> dict:
     """The penalty's state; checkpoints from before the penalty interface kept the ratio net under "dice"."""
     if "penalty" in checkpoint:
         return checkpoint["penalty"]
-    return {"net": checkpoint["dice"], "optimizer": checkpoint["dice_opt"]} if checkpoint.get("dice") is not None else {}
+    return (
+        {"net": checkpoint["dice"], "optimizer": checkpoint["dice_opt"]} if checkpoint.get("dice") is not None else {}
+    )
 
 
-def restore_run(checkpoint: dict, agent: SAC, penalty, model_buffer: ReplayBuffer, run_dir: str, seed: int) -> tuple[EpochProgress, list[dict], float, CriticHealth]:
-    """Load a checkpoint into a freshly built run; returns its epoch progress, evaluations, wall seconds and health."""
+def restore_run(checkpoint: dict, agent: SAC, penalty, model_buffer: ReplayBuffer, record: RunRecord, seed: int):
+    """Load a checkpoint into a freshly built run and its record."""
     for module, key in ((agent.actor, "actor"), (agent.critic, "critic"), (agent.critic_target, "critic_target")):
         module.load_state_dict(checkpoint[key])
     with torch.no_grad():
         agent.log_alpha.copy_(checkpoint["log_alpha"])
-    for optimizer, key in ((agent.actor_opt, "actor_opt"), (agent.critic_opt, "critic_opt"), (agent.alpha_opt, "alpha_opt")):
+    for optimizer, key in (
+        (agent.actor_opt, "actor_opt"),
+        (agent.critic_opt, "critic_opt"),
+        (agent.alpha_opt, "alpha_opt"),
+    ):
         load_optimizer_state(optimizer, checkpoint[key])
     penalty.load_state_dict(penalty_state(checkpoint))
     load_buffer_state(model_buffer, checkpoint["model_buffer"])
-    progress = EpochProgress(**checkpoint["epoch_progress"])
-    progress.loss_sums = {name: value.to(model_buffer.obs.device) for name, value in progress.loss_sums.items()}
+    progress = dict(checkpoint["epoch_progress"])
+    progress.setdefault("penalty_stats", progress.pop("dice", {}))  # its name before the penalty interface
+    record.progress = EpochProgress(**progress)
+    record.progress.loss_sums = {
+        name: value.to(model_buffer.obs.device) for name, value in record.progress.loss_sums.items()
+    }
+    record.eval_history, record.wall_offset = checkpoint["eval_history"], checkpoint["wall_seconds"]
+    record.critic_health = CriticHealth(**checkpoint.get("critic_health", {}))
     if seed == checkpoint["args"]["seed"]:
         set_rng_state(checkpoint["rng"])  # the exact continuation; a new --seed takes another path from here
-    write_progress(os.path.join(run_dir, "progress.csv"), checkpoint["eval_history"])
-    for leftover in glob.glob(os.path.join(run_dir, ".checkpoint.pt.*.tmp")):  # a kill in the middle of a write leaves one
+    write_progress(os.path.join(record.run_dir, "progress.csv"), record.eval_history)
+    # A kill in the middle of a write leaves a temporary file.
+    for leftover in glob.glob(os.path.join(record.run_dir, ".checkpoint.pt.*.tmp")):
         os.remove(leftover)
-    return progress, checkpoint["eval_history"], checkpoint["wall_seconds"], CriticHealth(**checkpoint.get("critic_health", {}))
+
+
+def run_folder(resume: str | None, run_name: str) -> str:
+    """Where the run lives: the resumed run's folder, else runs/RUN_NAME, which must not hold a run already."""
+    run_dir = (os.path.dirname(checkpoint_file(resume)) or ".") if resume else os.path.join("runs", run_name)
+    if not resume and os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
+        raise SystemExit(
+            f"error: {run_dir} already holds a run; continue it with `python drop.py --resume {run_dir}`, "
+            "or pick another --run-name (or delete the folder)"
+        )
+    check_writable(run_dir, "runs folder", "run from a folder you can write to, or free some space")
+    return run_dir
 
 
 # Keys a checkpoint needs for --resume (eval.py needs fewer).
-RESUME_KEYS = ("args", "epoch", "epochs", "finished", "epoch_progress", "model_buffer", "rng", "actor_opt", "dynamics_path", "eval_history")
+RESUME_KEYS = (
+    "args",
+    "epoch",
+    "epochs",
+    "finished",
+    "epoch_progress",
+    "model_buffer",
+    "rng",
+    "actor_opt",
+    "dynamics_path",
+    "eval_history",
+)
 # What a resumed run may change: the way out of a NaN (another seed, smaller steps), where it runs,
 # and its length (more epochs extend a run; nothing in an epoch depends on the total).
-RESUME_MAY_CHANGE = {"resume", "seed", "sac.actor_lr", "sac.critic_lr", "sac.alpha_lr", "dice_lr", "dice.f_lr", "dice.nu_lr", "classifier.lr", "device", "track", "epochs"}
+RESUME_MAY_CHANGE = {
+    "resume",
+    "seed",
+    "sac.actor_lr",
+    "sac.critic_lr",
+    "sac.alpha_lr",
+    "dice_lr",
+    "dice.f_lr",
+    "dice.nu_lr",
+    "classifier.lr",
+    "device",
+    "track",
+    "epochs",
+}
 
 
 def checkpoint_file(run: str) -> str:
@@ -294,7 +421,9 @@ def refuse_changes(saved, args):
     changed = [name for name, value in after.items() if name not in RESUME_MAY_CHANGE and value != before.get(name)]
     if changed:
         flags = ", ".join(f"--{name.replace('_', '-')} {after[name]}" for name in changed)
-        raise SystemExit(f"error: {flags} would change the run that --resume continues; only --seed, the learning rates, --epochs, --device and --track may change (start a new run for the rest)")
+        raise SystemExit(
+            f"error: {flags} would change the run that --resume continues; only --seed, the learning rates, --epochs, --device and --track may change (start a new run for the rest)"
+        )
 
 
 def resume_checkpoint(args, args_from_dict: Callable[[dict], object]) -> dict | None:
@@ -306,7 +435,14 @@ def resume_checkpoint(args, args_from_dict: Callable[[dict], object]) -> dict | 
         print(f"{args.resume} is finished ({done} of {done} epochs); nothing to resume (a larger --epochs extends it)")
         return None
     if epochs <= done:
-        raise SystemExit(f"error: --epochs {epochs}, but {args.resume} has done {done} epochs already; give more than {done} to extend it")
+        raise SystemExit(
+            f"error: --epochs {epochs}, but {args.resume} has done {done} epochs already; give more than {done} to extend it"
+        )
+    if not os.path.isfile(checkpoint["dynamics_path"]):
+        raise SystemExit(
+            f"error: {checkpoint['dynamics_path']}, the ensemble this run trained with, is gone; "
+            "put it back to resume (a new run trains or reuses one)"
+        )
     return checkpoint
 
 

@@ -43,7 +43,9 @@ LOGIT_MAX = 50.0  # the largest logit the ratio takes: e^50 lies far above every
 class RatioClassifier(nn.Module):
     """One logistic classifier per elite on standardised (s, a); `ratio` has GradientDICE's interface."""
 
-    def __init__(self, obs_dim: int, act_dim: int, num_heads: int, hidden: int, input_mean: torch.Tensor, input_std: torch.Tensor):
+    def __init__(
+        self, obs_dim: int, act_dim: int, num_heads: int, hidden: int, input_mean: torch.Tensor, input_std: torch.Tensor
+    ):
         super().__init__()
         self.num_heads = num_heads
         self.net = EnsembleMLP(num_heads, obs_dim + act_dim, 1, [hidden, hidden])
@@ -94,7 +96,9 @@ def train_classifier(
     for _ in range(steps):
         model_idx = torch.stack([rows[torch.randint(len(rows), (batch_size,), device=device)] for rows in own])
         data_idx = torch.randint(len(data_obs), (heads, batch_size), device=device)
-        loss = classifier_loss(classifier, model_obs[model_idx], model_act[model_idx], data_obs[data_idx], data_act[data_idx])
+        loss = classifier_loss(
+            classifier, model_obs[model_idx], model_act[model_idx], data_obs[data_idx], data_act[data_idx]
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.sum().backward()
         optimizer.step()
@@ -111,7 +115,9 @@ INPUT_PARTS = {"state and action": (True, True), "state only": (True, False), "a
 def hide(obs: torch.Tensor, act: torch.Tensor, input_mean: torch.Tensor, keep_state: bool, keep_action: bool):
     """(s, a) with a hidden part set to its mean, which standardises to 0: the classifier cannot use it."""
     obs_dim = obs.shape[-1]
-    return (obs if keep_state else input_mean[:obs_dim].expand_as(obs)), (act if keep_action else input_mean[obs_dim:].expand_as(act))
+    return (obs if keep_state else input_mean[:obs_dim].expand_as(obs)), (
+        act if keep_action else input_mean[obs_dim:].expand_as(act)
+    )
 
 
 def separation(model_logit: torch.Tensor, data_logit: torch.Tensor, upper_clip: float | None) -> dict[str, float]:
@@ -121,12 +127,24 @@ def separation(model_logit: torch.Tensor, data_logit: torch.Tensor, upper_clip: 
         "accuracy": 0.5 * ((model_logit > 0).float().mean() + (data_logit < 0).float().mean()).item(),
         "median_logit_rollout": model_logit.median().item(),
         "median_logit_data": data_logit.median().item(),
-        "rollout_above_clip": float("nan") if upper_clip is None else (model_logit >= math.log(upper_clip)).float().mean().item(),
+        "rollout_above_clip": float("nan")
+        if upper_clip is None
+        else (model_logit >= math.log(upper_clip)).float().mean().item(),
     }
 
 
-def what_separates(model_obs, model_act, data_obs, data_act, input_mean, input_std, config: ClassifierConfig, steps: int, held_out: int,
-                   upper_clip: float | None) -> dict[str, dict[str, float]]:
+def what_separates(
+    model_obs,
+    model_act,
+    data_obs,
+    data_act,
+    input_mean,
+    input_std,
+    config: ClassifierConfig,
+    steps: int,
+    held_out: int,
+    upper_clip: float | None,
+) -> dict[str, dict[str, float]]:
     """A fresh one-head classifier per entry of INPUT_PARTS, trained on all but the last `held_out`
     samples of each side (as drop.py trains its heads) and judged on those."""
     results = {}
@@ -136,8 +154,21 @@ def what_separates(model_obs, model_act, data_obs, data_act, input_mean, input_s
         classifier = RatioClassifier(model_obs.shape[-1], model_act.shape[-1], 1, config.hidden, input_mean, input_std)
         optimizer = torch.optim.Adam(classifier.parameters(), lr=config.lr)
         one_head = torch.zeros(len(obs_m) - held_out, dtype=torch.long)
-        train_classifier(classifier, optimizer, obs_m[:-held_out], act_m[:-held_out], one_head, obs_d[:-held_out], act_d[:-held_out], steps, config.batch_size)
+        train_classifier(
+            classifier,
+            optimizer,
+            obs_m[:-held_out],
+            act_m[:-held_out],
+            one_head,
+            obs_d[:-held_out],
+            act_d[:-held_out],
+            steps,
+            config.batch_size,
+        )
         with torch.no_grad():
-            results[name] = separation(classifier.logit(obs_m[-held_out:], act_m[-held_out:])[0], classifier.logit(obs_d[-held_out:], act_d[-held_out:])[0], upper_clip)
+            results[name] = separation(
+                classifier.logit(obs_m[-held_out:], act_m[-held_out:])[0],
+                classifier.logit(obs_d[-held_out:], act_d[-held_out:])[0],
+                upper_clip,
+            )
     return results
-

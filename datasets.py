@@ -58,7 +58,8 @@ REF_SCORES: dict[str, tuple[float, float]] = {
 FAMILY_ENV_IDS = {"hopper": "Hopper-v4", "walker2d": "Walker2d-v4", "halfcheetah": "HalfCheetah-v4"}
 OBS_ACT_DIMS = {"hopper": (11, 3), "walker2d": (17, 6), "halfcheetah": (17, 6)}
 KINDS = ("random", "medium", "medium-replay", "medium-expert", "expert")
-DEFAULT_ENV = "builtin-hopper-medium"
+# What `python drop.py` trains on with no flags: the built-in dataset on which DROP at its defaults ends above the data.
+DEFAULT_ENV = "builtin-halfcheetah-medium"
 
 # Minari's MuJoCo datasets come in three kinds. "simple" is a single, partly trained policy, like
 # D4RL's "medium", so it shares medium's hyperparameters.
@@ -290,8 +291,9 @@ def _d4rl_path(name: str, family: str, kind: str) -> Path:
         try:
             download(d4rl_url(name), path)
         except DatasetError as error:
-            builtin = f"builtin-{family}-{kind}"
-            offline = builtin if builtin in available_builtin_names() else DEFAULT_ENV
+            # The same robot's built-in data at this level, else at medium, else the default.
+            choices = [f"builtin-{family}-{kind}", f"builtin-{family}-medium", DEFAULT_ENV]
+            offline = next(name for name in choices if name in available_builtin_names() or name == DEFAULT_ENV)
             raise DatasetError(
                 f"{error}; put {name}'s file at {path} yourself (e.g. when offline), "
                 f"or use the offline built-in data: --env {offline}"
@@ -347,8 +349,13 @@ def _load_minari(dataset_id: str, family: str, kind: str) -> OfflineDataset:
     eval_env_id = eval_env.spec.id
     eval_env.close()
     return OfflineDataset(
-        **arrays, name=dataset_id, task=f"{family}-{kind}", family=family,
-        eval_env_id=eval_env_id, source="minari", path=dataset_id,
+        **arrays,
+        name=dataset_id,
+        task=f"{family}-{kind}",
+        family=family,
+        eval_env_id=eval_env_id,
+        source="minari",
+        path=dataset_id,
     )
 
 
@@ -396,8 +403,14 @@ class TanhGaussianPolicy:
         hidden, obs_dim = params["w0"].shape
         act_dim = params["w_mean"].shape[0]
         expected = {
-            "w0": (hidden, obs_dim), "b0": (hidden,), "w1": (hidden, hidden), "b1": (hidden,),
-            "w_mean": (act_dim, hidden), "b_mean": (act_dim,), "w_logstd": (act_dim, hidden), "b_logstd": (act_dim,),
+            "w0": (hidden, obs_dim),
+            "b0": (hidden,),
+            "w1": (hidden, hidden),
+            "b1": (hidden,),
+            "w_mean": (act_dim, hidden),
+            "b_mean": (act_dim,),
+            "w_logstd": (act_dim, hidden),
+            "b_logstd": (act_dim,),
         }
         for key, shape in expected.items():
             if params[key].shape != shape:
@@ -410,6 +423,7 @@ class TanhGaussianPolicy:
 
         Weights follow PyTorch's default nn.Linear initialisation, U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
         """
+
         def layer(fan_out: int, fan_in: int) -> tuple[np.ndarray, np.ndarray]:
             bound = 1.0 / np.sqrt(fan_in)
             weight = rng.uniform(-bound, bound, (fan_out, fan_in)).astype(np.float32)
@@ -417,8 +431,10 @@ class TanhGaussianPolicy:
 
         params = {}
         for prefix, (fan_out, fan_in) in {
-            "0": (HIDDEN_UNITS, obs_dim), "1": (HIDDEN_UNITS, HIDDEN_UNITS),
-            "_mean": (act_dim, HIDDEN_UNITS), "_logstd": (act_dim, HIDDEN_UNITS),
+            "0": (HIDDEN_UNITS, obs_dim),
+            "1": (HIDDEN_UNITS, HIDDEN_UNITS),
+            "_mean": (act_dim, HIDDEN_UNITS),
+            "_logstd": (act_dim, HIDDEN_UNITS),
         }.items():
             params[f"w{prefix}"], params[f"b{prefix}"] = layer(fan_out, fan_in)
         return cls(params)
@@ -573,6 +589,7 @@ def _builtin_levels(kind: str) -> list[str]:
 
 def available_builtin_names() -> list[str]:
     """Built-in datasets whose policy files exist."""
+
     def available(family: str, kind: str) -> bool:
         files = [_builtin_policy_file(family, level) for level in _builtin_levels(kind)]
         return all(file is None or file.exists() for file in files)
@@ -615,12 +632,19 @@ def _load_builtin(name: str, family: str, kind: str) -> OfflineDataset:
     parts = [_read_arrays(path) for path in paths]
     arrays = _validated(
         {key: np.concatenate([part_arrays[key] for part_arrays, _ in parts]) for key in REQUIRED_KEYS},
-        " + ".join(map(str, paths)), family,
+        " + ".join(map(str, paths)),
+        family,
     )
     provenance = {f"{level}.{key}": value for level, (_, attrs) in zip(levels, parts) for key, value in attrs.items()}
     return OfflineDataset(
-        **arrays, name=name, task=f"{family}-{kind}", family=family, eval_env_id=FAMILY_ENV_IDS[family],
-        source="builtin", path=" + ".join(map(str, paths)), provenance=provenance,
+        **arrays,
+        name=name,
+        task=f"{family}-{kind}",
+        family=family,
+        eval_env_id=FAMILY_ENV_IDS[family],
+        source="builtin",
+        path=" + ".join(map(str, paths)),
+        provenance=provenance,
     )
 
 
@@ -678,8 +702,14 @@ def load_dataset(env: str, dataset_path: str | None = None) -> OfflineDataset:
         source, name = "file", path.name
     arrays, provenance = _read_arrays(path)
     return OfflineDataset(
-        **_validated(arrays, str(path), parsed.family), name=name, task=f"{parsed.family}-{parsed.kind}",
-        family=parsed.family, eval_env_id=parsed.eval_env_id, source=source, path=str(path), provenance=provenance,
+        **_validated(arrays, str(path), parsed.family),
+        name=name,
+        task=f"{parsed.family}-{parsed.kind}",
+        family=parsed.family,
+        eval_env_id=parsed.eval_env_id,
+        source=source,
+        path=str(path),
+        provenance=provenance,
     )
 
 
@@ -766,7 +796,11 @@ def concat(files: tuple[Path, ...], out: Path, rows_each: int | None = None) -> 
         arrays, _ = _read_arrays(path)
         with h5py.File(path, "r") as file:
             # visititems stops at the first callback that returns something, so this one returns None.
-            file.visititems(lambda key, item: None if key in arrays or not isinstance(item, h5py.Dataset) else arrays.update({key: item[()]}))
+            file.visititems(
+                lambda key, item: (
+                    None if key in arrays or not isinstance(item, h5py.Dataset) else arrays.update({key: item[()]})
+                )
+            )
         if rows_each is not None and rows_each > len(arrays["rewards"]):
             raise DatasetError(f"{path} has {len(arrays['rewards'])} rows, fewer than --rows-each {rows_each}")
         parts.append({key: array[:rows_each] for key, array in arrays.items()})
@@ -814,14 +848,17 @@ def _print_info(data: OfflineDataset) -> None:
         print(f"score:       mean {scores.mean():.1f}, min {scores.min():.1f}, max {scores.max():.1f} {score_label}")
     print(f"source:      {data.source}")
     print(f"path:        {data.path}")
-    print(f"sha256:      {data.transitions_sha256()} (of the transitions; an ensemble file records the one it was trained on)")
+    print(
+        f"sha256:      {data.transitions_sha256()} (of the transitions; an ensemble file records the one it was trained on)"
+    )
     for key, value in data.provenance.items():
         print(f"  {key}: {value}")
 
 
 def main(argv: list[str] | None = None) -> None:
     command = tyro.extras.subcommand_cli_from_dict(
-        {"info": Info, "collect": Collect, "concat": Concat, "evaluate-policy": EvaluatePolicy}, args=argv,
+        {"info": Info, "collect": Collect, "concat": Concat, "evaluate-policy": EvaluatePolicy},
+        args=argv,
         description="Offline datasets for DROP: inspect one (info), collect one (collect), join files (concat), score a policy file.",
     )
     try:
@@ -829,14 +866,21 @@ def main(argv: list[str] | None = None) -> None:
             case Info():
                 _print_info(load_dataset(command.name, None if command.dataset is None else str(command.dataset)))
             case Collect():
-                collect(command.env, command.policy, command.num_transitions, command.seed, command.out,
-                        command.max_episode_steps)
+                collect(
+                    command.env,
+                    command.policy,
+                    command.num_transitions,
+                    command.seed,
+                    command.out,
+                    command.max_episode_steps,
+                )
                 print(f"wrote {command.num_transitions} transitions to {command.out}")
             case Concat():
                 print(f"wrote {concat(command.files, command.out, command.rows_each)} rows to {command.out}")
             case EvaluatePolicy():
-                returns = evaluate_policy(TanhGaussianPolicy.load(command.policy), command.env, command.episodes,
-                                          command.seed)
+                returns = evaluate_policy(
+                    TanhGaussianPolicy.load(command.policy), command.env, command.episodes, command.seed
+                )
                 print(f"returns: {', '.join(f'{r:.1f}' for r in returns)} (mean {returns.mean():.1f})")
                 family = _family_of_env_id(command.env)
                 if family is not None:

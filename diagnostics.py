@@ -91,7 +91,11 @@ class Run:
 
 def dynamics_path(run_dir: str, checkpoint: dict) -> str:
     """The ensemble the run used: the checkpoint's record, else --dynamics-path, else the one it trained."""
-    return checkpoint.get("dynamics_path") or checkpoint["args"].get("dynamics_path") or os.path.join(run_dir, "dynamics.pt")
+    return (
+        checkpoint.get("dynamics_path")
+        or checkpoint["args"].get("dynamics_path")
+        or os.path.join(run_dir, "dynamics.pt")
+    )
 
 
 def load_run(run_dir: str) -> Run:
@@ -107,15 +111,28 @@ def load_run(run_dir: str) -> Run:
     path = dynamics_path(run_dir, checkpoint)
     # load_ensemble refuses an ensemble of another robot than the dataset's (a foreign checkpoint's).
     if not os.path.isfile(path):
-        raise SystemExit(f"error: the dynamics file of {run_dir} is gone ({path}); the diagnostics need the ensemble the run was trained with")
-    dynamics = load_ensemble(path, data.family, data.obs_dim, data.act_dim, torch.device("cpu"), data.transitions_sha256()).requires_grad_(False)
+        raise SystemExit(
+            f"error: the dynamics file of {run_dir} is gone ({path}); the diagnostics need the ensemble the run was trained with"
+        )
+    dynamics = load_ensemble(
+        path, data.family, data.obs_dim, data.act_dim, torch.device("cpu"), data.transitions_sha256()
+    ).requires_grad_(False)
     args, _ = drop.settings(args, data.task)
     data_obs, data_act = torch.as_tensor(data.observations), torch.as_tensor(data.actions)
-    penalty = build_penalty(args, dynamics, data_obs, data_act, ReplayBuffer(1, data.obs_dim, data.act_dim, torch.device("cpu")), lambda obs: actor(obs)[0])
+    penalty = build_penalty(
+        args,
+        dynamics,
+        data_obs,
+        data_act,
+        ReplayBuffer(1, data.obs_dim, data.act_dim, torch.device("cpu")),
+        lambda obs: actor(obs)[0],
+    )
     try:
         penalty.load_state_dict(penalty_state(checkpoint))
     except RuntimeError as e:
-        raise SystemExit(f"error: the ratio heads in {run_dir}/checkpoint.pt do not fit its ensemble {path} ({' '.join(str(e).split())[:200]})")
+        raise SystemExit(
+            f"error: the ratio heads in {run_dir}/checkpoint.pt do not fit its ensemble {path} ({' '.join(str(e).split())[:200]})"
+        )
     if isinstance(penalty, RatioPenalty):
         penalty.net.requires_grad_(False)
     return Run(checkpoint, args, data, dynamics, penalty, actor.requires_grad_(False), env)
@@ -159,7 +176,9 @@ def simulate(env, qpos: np.ndarray, qvel: np.ndarray, actions: np.ndarray, desc:
 
 
 @torch.no_grad()
-def model_errors(dynamics, obs: torch.Tensor, act: torch.Tensor, elite: torch.Tensor, true_next_obs: np.ndarray) -> np.ndarray:
+def model_errors(
+    dynamics, obs: torch.Tensor, act: torch.Tensor, elite: torch.Tensor, true_next_obs: np.ndarray
+) -> np.ndarray:
     """||mean_k(s, a) - T(s, a)||_2 for each sample, k its drawn elite."""
     predicted = dynamics.elite_mean_next_obs(obs, act)[elite, torch.arange(len(obs))]
     return np.linalg.norm(predicted.double().numpy() - true_next_obs, axis=1)
@@ -182,18 +201,27 @@ def correlations(penalty: np.ndarray, error: np.ndarray) -> dict[str, float]:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a constant input: the NaN says it
-        return {"pearson": float(stats.pearsonr(penalty, error)[0]), "spearman": float(stats.spearmanr(penalty, error)[0])}
+        return {
+            "pearson": float(stats.pearsonr(penalty, error)[0]),
+            "spearman": float(stats.spearmanr(penalty, error)[0]),
+        }
 
 
 def by_error_tenth(penalty: np.ndarray, error: np.ndarray) -> list[float]:
     """The mean penalty on each tenth of the samples, taken in order of model error: a penalty that follows the error rises along it.
     Fewer than 10 samples give one part per sample."""
-    return [float(penalty[part].mean()) for part in np.array_split(np.argsort(error, kind="stable"), min(10, len(error)))]
+    return [
+        float(penalty[part].mean()) for part in np.array_split(np.argsort(error, kind="stable"), min(10, len(error)))
+    ]
 
 
 def summary(name: str, values: dict[str, np.ndarray], error: np.ndarray, hp: drop.Args) -> dict[str, float]:
     """Correlations with the error, the mean, the mean by tenth of the error, and for DROP where tau fell against the clip."""
-    stats = {**correlations(values["penalty"], error), "mean": float(values["penalty"].mean()), "by_error_tenth": by_error_tenth(values["penalty"], error)}
+    stats = {
+        **correlations(values["penalty"], error),
+        "mean": float(values["penalty"].mean()),
+        "by_error_tenth": by_error_tenth(values["penalty"], error),
+    }
     if name == "drop":
         tau = values["tau"]
         stats["tau_mean"] = float(tau.mean())
@@ -214,12 +242,22 @@ def rollout_samples(run: Run, count: int) -> tuple[np.ndarray, np.ndarray]:
     obs = torch.as_tensor(run.data.observations)
     buffer = ReplayBuffer(count * run.args.horizon, run.data.obs_dim, run.data.act_dim, torch.device("cpu"))
     start_obs = obs[torch.randint(len(obs), (count,))]
-    drop.rollout(run.dynamics, run.actor, run.penalty, start_obs, run.args, drop.rollout_termination(run.data.family, obs, run.args.halt_margin), buffer)
+    drop.rollout(
+        run.dynamics,
+        run.actor,
+        run.penalty,
+        start_obs,
+        run.args,
+        drop.rollout_termination(run.data.family, obs, run.args.halt_margin),
+        buffer,
+    )
     pick = torch.randperm(buffer.size)[:count]
     return buffer.obs[pick].numpy(), buffer.act[pick].numpy()
 
 
-def true_states(run: Run, obs: np.ndarray, states: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def true_states(
+    run: Run, obs: np.ndarray, states: tuple[np.ndarray, np.ndarray] | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Which observations have a known simulator state, and the states (qpos, qvel) of those kept:
     the stored `states`, else states rebuilt from the observations, less the samples at the velocity clip."""
     if states is not None:
@@ -230,7 +268,9 @@ def true_states(run: Run, obs: np.ndarray, states: tuple[np.ndarray, np.ndarray]
     return keep, qpos, qvel
 
 
-def evaluate_set(run: Run, obs: np.ndarray, act: np.ndarray, states: tuple[np.ndarray, np.ndarray] | None, label: str) -> dict:
+def evaluate_set(
+    run: Run, obs: np.ndarray, act: np.ndarray, states: tuple[np.ndarray, np.ndarray] | None, label: str
+) -> dict:
     """Errors and penalties of one sample set. Without stored `states` they are rebuilt from the
     observations, and samples at the velocity clip are skipped."""
     keep, qpos, qvel = true_states(run, obs, states)
@@ -239,8 +279,12 @@ def evaluate_set(run: Run, obs: np.ndarray, act: np.ndarray, states: tuple[np.nd
     obs_t, act_t = torch.as_tensor(obs), torch.as_tensor(act)
     elite = torch.randint(len(run.dynamics.elites), (len(obs),))  # the elite a rollout would draw
     return {
-        "obs": obs, "act": act, "elite": elite, "error": model_errors(run.dynamics, obs_t, act_t, elite, true_next_obs),
-        "penalties": penalties(run, obs_t, act_t, elite), "skipped": int((~keep).sum()),
+        "obs": obs,
+        "act": act,
+        "elite": elite,
+        "error": model_errors(run.dynamics, obs_t, act_t, elite, true_next_obs),
+        "penalties": penalties(run, obs_t, act_t, elite),
+        "skipped": int((~keep).sum()),
         "states": "stored infos/qpos, infos/qvel" if states is not None else "rebuilt from observations",
     }
 
@@ -256,7 +300,11 @@ def real_drift(run: Run, qpos: np.ndarray, qvel: np.ndarray, steps: int) -> dict
     sim, scale = run.env.unwrapped, run.env.action_space.high
     run.env.reset(seed=0)
     starts, obs_dim, act_dim = len(qpos), run.env.observation_space.shape[0], run.env.action_space.shape[0]
-    obs, next_obs, act = np.full((starts, steps, obs_dim), np.nan), np.full((starts, steps, obs_dim), np.nan), np.full((starts, steps, act_dim), np.nan)
+    obs, next_obs, act = (
+        np.full((starts, steps, obs_dim), np.nan),
+        np.full((starts, steps, obs_dim), np.nan),
+        np.full((starts, steps, act_dim), np.nan),
+    )
     true_reward = np.full((starts, steps), np.nan)
     for i in tqdm(range(starts), desc="MuJoCo, the policy from dataset states", unit="start"):
         sim.set_state(qpos[i], qvel[i])
@@ -292,7 +340,10 @@ def drift_summary(drift: dict[str, np.ndarray], data_reward_mean: float) -> dict
         by_step = {name: np.nanmean(values, 0) for name, values in drift.items()}
     summary = {"starts": len(drift["error"]), "steps": drift["error"].shape[1], "data_reward_mean": data_reward_mean}
     for name, values in drift.items():
-        summary[f"{name}_first_10"], summary[f"{name}_all"] = float(np.nanmean(values[:, :10])), float(np.nanmean(values))
+        summary[f"{name}_first_10"], summary[f"{name}_all"] = (
+            float(np.nanmean(values[:, :10])),
+            float(np.nanmean(values)),
+        )
     summary["running_at_end"] = float((~np.isnan(drift["error"][:, -1])).mean())
     summary["by_step"] = {name: [float(v) for v in values] for name, values in by_step.items()}
     return summary
@@ -316,17 +367,34 @@ def plot_fig2(sets: dict[str, dict], stats: dict[str, dict], path: str, title: s
     for row, (set_name, samples) in enumerate(sets.items()):
         for col, name in enumerate(names):
             ax, s = axes[row, col], stats[set_name][name]
-            ax.scatter(normalised(samples["error"]), normalised(samples["penalties"][name]["penalty"]), s=2, alpha=0.3, color="C0" if name == "drop" else "C1", rasterized=True)
+            ax.scatter(
+                normalised(samples["error"]),
+                normalised(samples["penalties"][name]["penalty"]),
+                s=2,
+                alpha=0.3,
+                color="C0" if name == "drop" else "C1",
+                rasterized=True,
+            )
             ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-            ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), xlabel="model error (normalised)", ylabel=f"{name.upper()} penalty (normalised)")
-            ax.set_title(f"{name.upper()}, {set_name} samples (n={stats[set_name]['n']})\nPearson {s['pearson']:.2f}, Spearman {s['spearman']:.2f}", fontsize=9)
+            ax.set(
+                xlim=(-0.02, 1.02),
+                ylim=(-0.02, 1.02),
+                xlabel="model error (normalised)",
+                ylabel=f"{name.upper()} penalty (normalised)",
+            )
+            ax.set_title(
+                f"{name.upper()}, {set_name} samples (n={stats[set_name]['n']})\nPearson {s['pearson']:.2f}, Spearman {s['spearman']:.2f}",
+                fontsize=9,
+            )
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
-def plot_fig3(data_xy: np.ndarray, support_xy: np.ndarray, support_penalties: dict[str, np.ndarray], path: str, title: str):
+def plot_fig3(
+    data_xy: np.ndarray, support_xy: np.ndarray, support_penalties: dict[str, np.ndarray], path: str, title: str
+):
     import matplotlib.pyplot as plt
     from scipy.stats import gaussian_kde
 
@@ -338,7 +406,9 @@ def plot_fig3(data_xy: np.ndarray, support_xy: np.ndarray, support_penalties: di
     fig, axes = plt.subplots(1, len(support_penalties), figsize=(5.5 * len(support_penalties), 5), squeeze=False)
     for ax, (name, penalty) in zip(axes[0], support_penalties.items()):
         ax.contour(gx, gy, density, levels=8, colors="k", linewidths=0.7)
-        points = ax.scatter(*support_xy.T, c=normalised(penalty), cmap="YlOrRd", vmin=0, vmax=1, s=12, edgecolors="grey", linewidths=0.2)
+        points = ax.scatter(
+            *support_xy.T, c=normalised(penalty), cmap="YlOrRd", vmin=0, vmax=1, s=12, edgecolors="grey", linewidths=0.2
+        )
         fig.colorbar(points, ax=ax, label=f"{name.upper()} penalty (normalised)")
         ax.set_title(f"{name.upper()}: {len(support_xy)} rollout samples; lines: dataset density (KDE)", fontsize=9)
         ax.set(xticks=[], yticks=[], xlabel="UMAP 1", ylabel="UMAP 2")
@@ -361,7 +431,9 @@ def plot_drift(summary: dict, dataset_error: float, horizon: int, path: str, tit
     error_ax.set_yscale("symlog", linthresh=max(dataset_error, 1e-3))
     for name in ("drop", "mopo"):
         if f"{name}_penalty" in by_step:
-            penalty_ax.plot(steps, by_step[f"{name}_penalty"], color="C0" if name == "drop" else "C1", label=name.upper())
+            penalty_ax.plot(
+                steps, by_step[f"{name}_penalty"], color="C0" if name == "drop" else "C1", label=name.upper()
+            )
     for ax in (reward_ax, error_ax, penalty_ax):
         ax.axvline(horizon, color="gray", ls="--", lw=0.8, label=f"rollout horizon h = {horizon}")
         ax.set_xlabel("MuJoCo step from a dataset state")
@@ -369,7 +441,10 @@ def plot_drift(summary: dict, dataset_error: float, horizon: int, path: str, tit
     reward_ax.set_ylabel("reward per step, mean over starts")
     error_ax.set_ylabel("next-state error ||mean_k(s, a) - T(s, a)||")
     penalty_ax.set_ylabel("penalty u(s, a) (reward - eta u), as in training")
-    fig.suptitle(f"{title}\nthe policy from {summary['starts']} dataset states; {summary['running_at_end']:.0%} still running at step {summary['steps']}", fontsize=9)
+    fig.suptitle(
+        f"{title}\nthe policy from {summary['starts']} dataset states; {summary['running_at_end']:.0%} still running at step {summary['steps']}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -397,20 +472,49 @@ def rollout_separation(run: Run, steps: int, held_out: int, rng: np.random.Gener
     size, data_size = int(buffer["size"]), len(run.data)
     held_out = min(held_out, size // 2, data_size // 2)
     model_rows, data_rows = torch.as_tensor(rng.permutation(size)), torch.as_tensor(rng.permutation(data_size))
-    model_obs, model_act, member = buffer["obs"][model_rows].float(), buffer["act"][model_rows].float(), buffer["member"][model_rows].long()
-    data_obs, data_act = torch.as_tensor(run.data.observations)[data_rows].float(), torch.as_tensor(run.data.actions)[data_rows].float()
+    model_obs, model_act, member = (
+        buffer["obs"][model_rows].float(),
+        buffer["act"][model_rows].float(),
+        buffer["member"][model_rows].long(),
+    )
+    data_obs, data_act = (
+        torch.as_tensor(run.data.observations)[data_rows].float(),
+        torch.as_tensor(run.data.actions)[data_rows].float(),
+    )
     upper_clip = run.args.clip[1] if run.args.clip is not None else None
     classifiers = {}
-    if isinstance(run.penalty, ClassifierRatio):  # the run's own heads: a rollout sample under its elite's head, a dataset sample under a random one
+    if isinstance(
+        run.penalty, ClassifierRatio
+    ):  # the run's own heads: a rollout sample under its elite's head, a dataset sample under a random one
         groups = MemberGroups(member[-held_out:], run.penalty.net.num_heads)
         with torch.no_grad():
-            logit = lambda obs, act: groups.gather(run.penalty.net.logit(groups.scatter(obs[-held_out:]), groups.scatter(act[-held_out:])))
-            classifiers["the run's heads"] = separation(logit(model_obs, model_act), logit(data_obs, data_act), upper_clip)
-    classifiers |= what_separates(model_obs, model_act, data_obs, data_act, run.dynamics.input_mean, run.dynamics.input_std, run.args.classifier,
-                                  steps, held_out, upper_clip)
+            logit = lambda obs, act: groups.gather(
+                run.penalty.net.logit(groups.scatter(obs[-held_out:]), groups.scatter(act[-held_out:]))
+            )
+            classifiers["the run's heads"] = separation(
+                logit(model_obs, model_act), logit(data_obs, data_act), upper_clip
+            )
+    classifiers |= what_separates(
+        model_obs,
+        model_act,
+        data_obs,
+        data_act,
+        run.dynamics.input_mean,
+        run.dynamics.input_std,
+        run.args.classifier,
+        steps,
+        held_out,
+        upper_clip,
+    )
     at_bounds = lambda act: (act.abs() > ACTION_BOUND).float().mean().item()
-    return {"classifiers": classifiers, "steps": steps, "held_out": held_out, "rollout_samples": size, "upper_clip": upper_clip,
-            "actions_at_bounds": {"rollout": at_bounds(model_act), "data": at_bounds(data_act)}}
+    return {
+        "classifiers": classifiers,
+        "steps": steps,
+        "held_out": held_out,
+        "rollout_samples": size,
+        "upper_clip": upper_clip,
+        "actions_at_bounds": {"rollout": at_bounds(model_act), "data": at_bounds(data_act)},
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,15 +540,23 @@ def sample_arrays(sets: dict[str, dict]) -> dict[str, np.ndarray]:
 
 
 def print_table(stats: dict):
-    print(f"{'set':8} {'penalty':8} {'n':>6} {'skipped':>7} {'pearson':>8} {'spearman':>8} {'mean':>9} {'low10%':>8} {'high10%':>8} {'tau<s1':>7} {'tau>s2':>7} {'bonus':>6}")
+    print(
+        f"{'set':8} {'penalty':8} {'n':>6} {'skipped':>7} {'pearson':>8} {'spearman':>8} {'mean':>9} {'low10%':>8} {'high10%':>8} {'tau<s1':>7} {'tau>s2':>7} {'bonus':>6}"
+    )
     for set_name in ("dataset", "rollout"):
         s = stats[set_name]
         for name in ("drop", "mopo"):
             if name in s:
                 p = s[name]
-                clip_columns = f"{p['tau_below_clip']:7.1%} {p['tau_above_clip']:7.1%} {p['raises_reward']:6.1%}" if name == "drop" else ""
+                clip_columns = (
+                    f"{p['tau_below_clip']:7.1%} {p['tau_above_clip']:7.1%} {p['raises_reward']:6.1%}"
+                    if name == "drop"
+                    else ""
+                )
                 tenths = p["by_error_tenth"]
-                print(f"{set_name:8} {name:8} {s['n']:6d} {s['skipped']:7d} {p['pearson']:8.3f} {p['spearman']:8.3f} {p['mean']:9.4f} {tenths[0]:8.3f} {tenths[-1]:8.3f} {clip_columns}")
+                print(
+                    f"{set_name:8} {name:8} {s['n']:6d} {s['skipped']:7d} {p['pearson']:8.3f} {p['spearman']:8.3f} {p['mean']:9.4f} {tenths[0]:8.3f} {tenths[-1]:8.3f} {clip_columns}"
+                )
 
 
 def main(args: Args):
@@ -454,9 +566,13 @@ def main(args: Args):
     if args.samples < MIN_SAMPLES:
         raise SystemExit(f"error: --samples {args.samples} is too few for correlations; use at least {MIN_SAMPLES}")
     if args.drift_starts < 0 or args.drift_steps < 1:
-        raise SystemExit(f"error: --drift-starts {args.drift_starts} --drift-steps {args.drift_steps}: give at least 0 starts (0: no drift) and 1 step")
+        raise SystemExit(
+            f"error: --drift-starts {args.drift_starts} --drift-steps {args.drift_steps}: give at least 0 starts (0: no drift) and 1 step"
+        )
     if args.separation_steps < 0:
-        raise SystemExit(f"error: --separation-steps {args.separation_steps} is impossible; give 0 (no separation) or more")
+        raise SystemExit(
+            f"error: --separation-steps {args.separation_steps} is impossible; give 0 (no separation) or more"
+        )
     start = time.perf_counter()
     run_dir = args.run_dir.rstrip("/")
     run = load_run(run_dir)
@@ -468,19 +584,32 @@ def main(args: Args):
         notes.append(f"a --penalty {run.args.penalty} run has no DICE heads: only MOPO's penalty is shown")
     stored = simulator_states(run.data)
     if stored is None:
-        notes.append(f"{run.data.name} stores no infos/qpos, infos/qvel: its states are rebuilt from observations, like the rollout samples")
+        notes.append(
+            f"{run.data.name} stores no infos/qpos, infos/qvel: its states are rebuilt from observations, like the rollout samples"
+        )
 
     # Fig. 2: errors and penalties on both sample sets.
     tick = time.perf_counter()
     rows = rng.choice(len(run.data), min(args.samples, len(run.data)), replace=False)
     rollout_obs, rollout_act = rollout_samples(run, args.samples)
     sets = {
-        "dataset": evaluate_set(run, run.data.observations[rows], run.data.actions[rows], None if stored is None else (stored[0][rows], stored[1][rows]), "dataset"),
+        "dataset": evaluate_set(
+            run,
+            run.data.observations[rows],
+            run.data.actions[rows],
+            None if stored is None else (stored[0][rows], stored[1][rows]),
+            "dataset",
+        ),
         "rollout": evaluate_set(run, rollout_obs, rollout_act, None, "rollout"),
     }
     stats = {
-        set_name: {"n": len(s["error"]), "skipped": s["skipped"], "states": s["states"], "error_mean": float(s["error"].mean()),
-                   **{name: summary(name, values, s["error"], run.args) for name, values in s["penalties"].items()}}
+        set_name: {
+            "n": len(s["error"]),
+            "skipped": s["skipped"],
+            "states": s["states"],
+            "error_mean": float(s["error"].mean()),
+            **{name: summary(name, values, s["error"], run.args) for name, values in s["penalties"].items()},
+        }
         for set_name, s in sets.items()
     }
     title = f"{run_dir}: {run.data.name}, --penalty {run.args.penalty}, epoch {run.checkpoint['epoch'] + 1}"
@@ -492,13 +621,23 @@ def main(args: Args):
         # Fig. 3: the data support and where the rollout samples fall in it.
         if args.fig3:
             tick = time.perf_counter()
-            print(f"UMAP on {min(UMAP_FIT_SAMPLES, len(rows))} dataset state-actions (numba compiles for about a minute on first use)")
+            print(
+                f"UMAP on {min(UMAP_FIT_SAMPLES, len(rows))} dataset state-actions (numba compiles for about a minute on first use)"
+            )
             data_sa = np.concatenate([run.data.observations[rows], run.data.actions[rows]], 1)[:UMAP_FIT_SAMPLES]
             rollout = sets["rollout"]
             shown = rng.permutation(len(rollout["error"]))[:SUPPORT_SAMPLES]
-            data_xy, support_xy = umap_embeddings(run, data_sa, np.concatenate([rollout["obs"], rollout["act"]], 1)[shown], args.seed)
+            data_xy, support_xy = umap_embeddings(
+                run, data_sa, np.concatenate([rollout["obs"], rollout["act"]], 1)[shown], args.seed
+            )
             support_penalties = {name: values["penalty"][shown] for name, values in rollout["penalties"].items()}
-            plot_fig3(data_xy, support_xy, support_penalties, os.path.join(out, "fig3.png"), title + ("\n" + notes[0] if not isinstance(run.penalty, RatioPenalty) else ""))
+            plot_fig3(
+                data_xy,
+                support_xy,
+                support_penalties,
+                os.path.join(out, "fig3.png"),
+                title + ("\n" + notes[0] if not isinstance(run.penalty, RatioPenalty) else ""),
+            )
             times["fig3"] = time.perf_counter() - tick
 
         # Drift: the policy in MuJoCo past the h model steps that training sees.
@@ -506,10 +645,14 @@ def main(args: Args):
         if args.drift_starts:
             tick = time.perf_counter()
             starts = rng.choice(len(run.data), min(args.drift_starts, len(run.data)), replace=False)
-            _, qpos, qvel = true_states(run, run.data.observations[starts], None if stored is None else (stored[0][starts], stored[1][starts]))
+            _, qpos, qvel = true_states(
+                run, run.data.observations[starts], None if stored is None else (stored[0][starts], stored[1][starts])
+            )
             drift = real_drift(run, qpos, qvel, args.drift_steps)
             drift_stats = drift_summary(drift, float(run.data.rewards.mean()))
-            plot_drift(drift_stats, stats["dataset"]["error_mean"], run.args.horizon, os.path.join(out, "drift.png"), title)
+            plot_drift(
+                drift_stats, stats["dataset"]["error_mean"], run.args.horizon, os.path.join(out, "drift.png"), title
+            )
             times["drift"] = time.perf_counter() - tick
 
         separated = None
@@ -521,21 +664,45 @@ def main(args: Args):
 
         result = {
             **stats,
-            "run": {"dir": run_dir, "dataset": run.data.name, "penalty": run.args.penalty, "epoch": run.checkpoint["epoch"], "eta": run.args.eta,
-                    "transform": run.args.transform, "clip": run.args.clip, "below_clip": resolve(run.args.dice).below_clip, "horizon": run.args.horizon},
-            "samples": args.samples, "seed": args.seed, "notes": notes, "times_s": {k: round(v, 2) for k, v in times.items()},
+            "run": {
+                "dir": run_dir,
+                "dataset": run.data.name,
+                "penalty": run.args.penalty,
+                "epoch": run.checkpoint["epoch"],
+                "eta": run.args.eta,
+                "transform": run.args.transform,
+                "clip": run.args.clip,
+                "below_clip": resolve(run.args.dice).below_clip,
+                "horizon": run.args.horizon,
+            },
+            "samples": args.samples,
+            "seed": args.seed,
+            "notes": notes,
+            "times_s": {k: round(v, 2) for k, v in times.items()},
             **({"drift": drift_stats} if drift_stats else {}),
             **({"separation": separated} if separated else {}),
         }
         with open(os.path.join(out, "diagnostics.json"), "w") as file:
             json.dump(json_ready(result), file, indent=1, allow_nan=False)
-        np.savez_compressed(os.path.join(out, "samples.npz"), **sample_arrays(sets), **{f"drift/{name}": values for name, values in drift.items()})
+        np.savez_compressed(
+            os.path.join(out, "samples.npz"),
+            **sample_arrays(sets),
+            **{f"drift/{name}": values for name, values in drift.items()},
+        )
         final = os.path.join(run_dir, "diagnostics")
         os.makedirs(final, exist_ok=True)
-        written = ["fig2.png", *(["fig3.png"] if args.fig3 else []), *(["drift.png"] if drift else []), "diagnostics.json", "samples.npz"]
+        written = [
+            "fig2.png",
+            *(["fig3.png"] if args.fig3 else []),
+            *(["drift.png"] if drift else []),
+            "diagnostics.json",
+            "samples.npz",
+        ]
         for name in written:
             os.replace(os.path.join(out, name), os.path.join(final, name))
-        for name in {"fig3.png", "drift.png"} - set(written):  # an earlier command's figure would pass for this checkpoint's
+        for name in {"fig3.png", "drift.png"} - set(
+            written
+        ):  # an earlier command's figure would pass for this checkpoint's
             if os.path.exists(os.path.join(final, name)):
                 os.remove(os.path.join(final, name))
     finally:
@@ -546,15 +713,26 @@ def main(args: Args):
     print_table(stats)
     if drift_stats:
         d = drift_stats
-        print(f"drift: the policy in MuJoCo from {d['starts']} dataset states earns {d['true_reward_first_10']:.2f} a step over the first 10 steps "
-              f"and {d['true_reward_all']:.2f} over {d['steps']} (the data's mean: {d['data_reward_mean']:.2f}); the ensemble says "
-              f"{d['model_reward_first_10']:.2f} and {d['model_reward_all']:.2f}, with next-state error {d['error_first_10']:.3f} and "
-              f"{d['error_all']:.3f} (dataset samples: {stats['dataset']['error_mean']:.3f}); {d['running_at_end']:.0%} still running at the end; "
-              + "; ".join(f"{name.upper()}'s penalty {d[f'{name}_penalty_first_10']:.2f} then {d[f'{name}_penalty_all']:.2f}" for name in ("drop", "mopo") if f"{name}_penalty_all" in d))
+        print(
+            f"drift: the policy in MuJoCo from {d['starts']} dataset states earns {d['true_reward_first_10']:.2f} a step over the first 10 steps "
+            f"and {d['true_reward_all']:.2f} over {d['steps']} (the data's mean: {d['data_reward_mean']:.2f}); the ensemble says "
+            f"{d['model_reward_first_10']:.2f} and {d['model_reward_all']:.2f}, with next-state error {d['error_first_10']:.3f} and "
+            f"{d['error_all']:.3f} (dataset samples: {stats['dataset']['error_mean']:.3f}); {d['running_at_end']:.0%} still running at the end; "
+            + "; ".join(
+                f"{name.upper()}'s penalty {d[f'{name}_penalty_first_10']:.2f} then {d[f'{name}_penalty_all']:.2f}"
+                for name in ("drop", "mopo")
+                if f"{name}_penalty_all" in d
+            )
+        )
     if separated:
-        print(f"separation, {separated['held_out']} held-out samples of each side: held-out accuracy (0.5: indistinguishable), share of rollout samples at the upper clip: "
-              + "; ".join(f"{name} {r['accuracy']:.3f}, {r['rollout_above_clip']:.2f}" for name, r in separated["classifiers"].items())
-              + f"; actions at the bounds (|a| > {ACTION_BOUND}): rollout {separated['actions_at_bounds']['rollout']:.2f}, data {separated['actions_at_bounds']['data']:.2f}")
+        print(
+            f"separation, {separated['held_out']} held-out samples of each side: held-out accuracy (0.5: indistinguishable), share of rollout samples at the upper clip: "
+            + "; ".join(
+                f"{name} {r['accuracy']:.3f}, {r['rollout_above_clip']:.2f}"
+                for name, r in separated["classifiers"].items()
+            )
+            + f"; actions at the bounds (|a| > {ACTION_BOUND}): rollout {separated['actions_at_bounds']['rollout']:.2f}, data {separated['actions_at_bounds']['data']:.2f}"
+        )
     print("times: " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in times.items()))
     print(f"wrote {final}/{', '.join(written)}")
 

@@ -65,16 +65,20 @@ class DiceConfig:
     """penalty where tau is at or below the clip's lower bound: clip (the transform of the bound, a bonus), zero, or max (the transform of the upper bound) (preset authors: clip)"""
 
 
+# fmt: off
 PRESETS = {
     "authors": dict(optimizer="adam", nu_lr=None, f_lr=None, lam=None, output="linear", normalize_inputs=False, below_clip="clip"),
     "checked": dict(optimizer="adam", nu_lr=1e-2, f_lr=None, lam=1.0, output="linear", normalize_inputs=True, below_clip="max"),
 }
+# fmt: on
 
 
 def resolve(config: DiceConfig) -> DiceConfig:
     """`config` with every unset variant field filled from its preset."""
     preset = PRESETS[config.preset]
-    return replace(config, **{name: value for name, value in preset.items() if name != "lam" and getattr(config, name) is None})
+    return replace(
+        config, **{name: value for name, value in preset.items() if name != "lam" and getattr(config, name) is None}
+    )
 
 
 def preset_lambda(config: DiceConfig) -> float | None:
@@ -83,7 +87,16 @@ def preset_lambda(config: DiceConfig) -> float | None:
 
 
 class GradientDICE(nn.Module):
-    def __init__(self, obs_dim: int, act_dim: int, num_heads: int, hidden: int, input_mean: torch.Tensor, input_std: torch.Tensor, output: Output = "linear"):
+    def __init__(
+        self,
+        obs_dim: int,
+        act_dim: int,
+        num_heads: int,
+        hidden: int,
+        input_mean: torch.Tensor,
+        input_std: torch.Tensor,
+        output: Output = "linear",
+    ):
         super().__init__()
         self.num_heads, self.output = num_heads, output
         self.tau = EnsembleMLP(num_heads, obs_dim + act_dim, 1, [hidden, hidden])
@@ -113,10 +126,16 @@ class GradientDICE(nn.Module):
 
     def objective(self, obs, act, next_obs, next_act, init_obs, init_act, gamma: float, lam: float) -> torch.Tensor:
         """L(tau, f, nu) of each head, `[H]`. (s, a) and (s0, a0) are `[B, .]`; (s', a') are `[H, B, .]`."""
-        x, x_next, x_init = (self._inputs(s, a, self.num_heads) for s, a in ((obs, act), (next_obs, next_act), (init_obs, init_act)))
+        x, x_next, x_init = (
+            self._inputs(s, a, self.num_heads) for s, a in ((obs, act), (next_obs, next_act), (init_obs, init_act))
+        )
         tau = self._tau(x)
         # One f pass over all three sample sets: fewer, larger matmuls.
-        f, f_next, f_init = self.f(torch.cat([x, x_next, x_init], 1)).squeeze(-1).split([x.shape[1], x_next.shape[1], x_init.shape[1]], 1)
+        f, f_next, f_init = (
+            self.f(torch.cat([x, x_next, x_init], 1))
+            .squeeze(-1)
+            .split([x.shape[1], x_next.shape[1], x_init.shape[1]], 1)
+        )
         nu = self.nu
         return (
             (1 - gamma) * f_init.mean(1)
@@ -126,7 +145,9 @@ class GradientDICE(nn.Module):
         )
 
 
-def build_dice(config: DiceConfig, obs_dim: int, act_dim: int, num_heads: int, input_mean: torch.Tensor, input_std: torch.Tensor) -> GradientDICE:
+def build_dice(
+    config: DiceConfig, obs_dim: int, act_dim: int, num_heads: int, input_mean: torch.Tensor, input_std: torch.Tensor
+) -> GradientDICE:
     """The heads drop.py trains for a resolved `config`; without input normalisation, (s, a) pass through as they are."""
     if not config.normalize_inputs:
         input_mean, input_std = torch.zeros_like(input_mean), torch.ones_like(input_std)
@@ -169,7 +190,9 @@ def train_dice(
         s_next = next_obs[:, idx]
         s0 = init_obs[torch.randint(len(init_obs), (config.batch_size,), device=obs.device)]
         with torch.no_grad():  # one policy pass for a' and a0
-            a_next, a0 = policy(torch.cat([s_next.flatten(0, 1), s0])).split([s_next.shape[0] * s_next.shape[1], len(s0)])
+            a_next, a0 = policy(torch.cat([s_next.flatten(0, 1), s0])).split(
+                [s_next.shape[0] * s_next.shape[1], len(s0)]
+            )
             a_next = a_next.view(*s_next.shape[:2], -1)
         objective = dice.objective(obs[idx], act[idx], s_next, a_next, s0, a0, config.gamma, lam)
         optimizer.zero_grad(set_to_none=True)
@@ -192,7 +215,9 @@ def transformed(tau: torch.Tensor, transform: Transform) -> torch.Tensor:
     raise ValueError(f"unknown penalty transform {transform!r}: use log, tanh-shift or tanh-offset")
 
 
-def penalty(tau: torch.Tensor, transform: Transform, clip: tuple[float, float] | None, below_clip: BelowClip = "clip") -> torch.Tensor:
+def penalty(
+    tau: torch.Tensor, transform: Transform, clip: tuple[float, float] | None, below_clip: BelowClip = "clip"
+) -> torch.Tensor:
     """The quantity eta multiplies: log(clip(tau)), tanh(tau - 1) or tanh(tau) - tanh(1).
 
     `below_clip` decides what an estimate at or below the clip's lower bound gets: the transform
@@ -249,7 +274,14 @@ def uniform_policy(act_dim: int) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 @torch.no_grad()
-def ratio_statistics(dice: GradientDICE, obs: torch.Tensor, act: torch.Tensor, clip: tuple[float, float] | None, segments: int, chunk: int = 65536) -> dict:
+def ratio_statistics(
+    dice: GradientDICE,
+    obs: torch.Tensor,
+    act: torch.Tensor,
+    clip: tuple[float, float] | None,
+    segments: int,
+    chunk: int = 65536,
+) -> dict:
     """E_D[tau], E_D|tau - 1|, the fraction at or below the clip's lower bound (all heads pooled), and per-segment means."""
     tau = torch.cat([dice.ratio(obs[i : i + chunk], act[i : i + chunk]) for i in range(0, len(obs), chunk)], 1)
     lower = clip[0] if clip is not None else 0.0
@@ -296,9 +328,9 @@ def main(args: Args):
     from tqdm import trange
 
     from datasets import DatasetError, TanhGaussianPolicy, load_dataset
-    from tasks import task_defaults
     from dynamics import load_ensemble
     from sac import Actor, pick_device, seed_everything
+    from tasks import task_defaults
 
     try:
         data = load_dataset(args.env, args.dataset)
@@ -306,7 +338,9 @@ def main(args: Args):
     except DatasetError as e:
         raise SystemExit(f"error: {e}")
     if policy_file is not None and (policy_file.obs_dim, policy_file.act_dim) != (data.obs_dim, data.act_dim):
-        raise SystemExit(f"error: {args.policy} is a policy for obs {policy_file.obs_dim} / act {policy_file.act_dim}, but {data.name} has obs {data.obs_dim} / act {data.act_dim}")
+        raise SystemExit(
+            f"error: {args.policy} is a policy for obs {policy_file.obs_dim} / act {policy_file.act_dim}, but {data.name} has obs {data.obs_dim} / act {data.act_dim}"
+        )
     if args.steps < 1 or args.eval_every < 1 or args.segments < 1:
         raise SystemExit("error: --steps, --eval-every and --segments must be at least 1")
     seed_everything(args.seed)
@@ -315,7 +349,9 @@ def main(args: Args):
     hp = task_defaults(data.task)
     lam = next(value for value in (args.dice_lambda, preset_lambda(config), hp.dice_lambda) if value is not None)
     hp = replace(hp, dice_lr=args.lr or hp.dice_lr, dice_lambda=lam)
-    dynamics = load_ensemble(args.dynamics_path, data.family, data.obs_dim, data.act_dim, device, data.transitions_sha256())
+    dynamics = load_ensemble(
+        args.dynamics_path, data.family, data.obs_dim, data.act_dim, device, data.transitions_sha256()
+    )
     if policy_file is None:
         sample_action = uniform_policy(data.act_dim)
     else:
@@ -324,17 +360,44 @@ def main(args: Args):
     as_tensor = lambda x: torch.as_tensor(x, dtype=torch.float32, device=device)
     obs, act = as_tensor(data.observations), as_tensor(data.actions)
 
-    dice = build_dice(config, data.obs_dim, data.act_dim, len(dynamics.elites), dynamics.input_mean, dynamics.input_std).to(device)
+    dice = build_dice(
+        config, data.obs_dim, data.act_dim, len(dynamics.elites), dynamics.input_mean, dynamics.input_std
+    ).to(device)
     optimizer = dice_optimizer(dice, hp.dice_lr, config)
     next_obs = dynamics.elite_mean_next_obs(obs, act)
     course = []
     progress = trange(0, args.steps, args.eval_every, desc=f"GradientDICE on {data.name}", unit="block")
     for start in progress:
-        train_dice(dice, optimizer, obs, act, next_obs, obs, sample_action, min(args.eval_every, args.steps - start), config, hp.dice_lambda)
-        course.append({"step": min(start + args.eval_every, args.steps), **ratio_statistics(dice, obs, act, hp.clip, args.segments)})
+        train_dice(
+            dice,
+            optimizer,
+            obs,
+            act,
+            next_obs,
+            obs,
+            sample_action,
+            min(args.eval_every, args.steps - start),
+            config,
+            hp.dice_lambda,
+        )
+        course.append(
+            {
+                "step": min(start + args.eval_every, args.steps),
+                **ratio_statistics(dice, obs, act, hp.clip, args.segments),
+            }
+        )
         progress.set_postfix(tau=f"{course[-1]['mean_tau']:.2f}", below=f"{course[-1]['below_clip']:.2f}")
-    result = {**{k: v for k, v in course[-1].items() if k != "step"}, "steps": args.steps, "policy": args.policy, "dataset": data.path,
-              "lr": hp.dice_lr, "lam": hp.dice_lambda, "clip": hp.clip, "dice": asdict(config), "course": course}
+    result = {
+        **{k: v for k, v in course[-1].items() if k != "step"},
+        "steps": args.steps,
+        "policy": args.policy,
+        "dataset": data.path,
+        "lr": hp.dice_lr,
+        "lam": hp.dice_lambda,
+        "clip": hp.clip,
+        "dice": asdict(config),
+        "course": course,
+    }
     print(json.dumps({k: v for k, v in result.items() if k not in ("course", "dice")}))
     if args.json:
         with open(args.json + ".tmp", "w") as file:

@@ -28,13 +28,24 @@ from typing import Literal
 import numpy as np
 import torch
 
-from checkpoint import (EpochProgress, StopOnSignal, check_writable, checkpoint_file, dataclass_from_dict, load_checkpoint, restore_run,
-                        resume_checkpoint, save_checkpoint, write_progress, RESUME_KEYS)
+from checkpoint import (
+    RESUME_KEYS,
+    EpochProgress,
+    RunRecord,
+    StopOnSignal,
+    checkpoint_file,
+    dataclass_from_dict,
+    load_checkpoint,
+    restore_run,
+    resume_checkpoint,
+    run_folder,
+    write_progress,
+)
 from classifier import ClassifierConfig
 from datasets import DEFAULT_ENV, DatasetError, OfflineDataset, load_dataset, make_eval_env, normalized_score, task_of
 from dice import DiceConfig, preset_lambda
 from dynamics import TERMINATION_FNS, DynamicsConfig, MemberGroups, ProbabilisticEnsemble, trained_or_cached
-from health import CriticHealth, check_finite, return_bound
+from health import check_finite, return_bound
 from penalties import NoPenalty, build_penalty, penalty_class
 from sac import SAC, Actor, Batch, ReplayBuffer, SACConfig, evaluate, pick_device, seed_everything, start_run
 from tasks import Penalty, Transform, task_defaults
@@ -123,14 +134,24 @@ def settings(args: Args, task: str) -> tuple[Args, str]:
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     given = [name for name in TABLE_FIELDS if getattr(args, name) is not None]
-    source = table.source + (f"; {', '.join('--' + name.replace('_', '-') for name in given)} from the command line" if given else "")
+    source = table.source + (
+        f"; {', '.join('--' + name.replace('_', '-') for name in given)} from the command line" if given else ""
+    )
     lam = args.dice_lambda if args.dice_lambda is not None else preset_lambda(args.dice)
-    args = replace(args, **{name: getattr(table, name) for name in TABLE_FIELDS if getattr(args, name) is None} | ({"dice_lambda": lam} if lam is not None else {}))
+    args = replace(
+        args,
+        **{name: getattr(table, name) for name in TABLE_FIELDS if getattr(args, name) is None}
+        | ({"dice_lambda": lam} if lam is not None else {}),
+    )
     if args.no_clip:
         args = replace(args, clip=None)
-    rules = [("--horizon", args.horizon, args.horizon >= 1, "at least 1"), ("--epochs", args.epochs, args.epochs >= 1, "at least 1"),
-             ("--eta", args.eta, args.eta >= 0, "at least 0"), ("--dice-steps", args.dice_steps, args.dice_steps >= 0, "at least 0"),
-             ("--dice-lr", args.dice_lr, args.dice_lr > 0, "above 0")]
+    rules = [
+        ("--horizon", args.horizon, args.horizon >= 1, "at least 1"),
+        ("--epochs", args.epochs, args.epochs >= 1, "at least 1"),
+        ("--eta", args.eta, args.eta >= 0, "at least 0"),
+        ("--dice-steps", args.dice_steps, args.dice_steps >= 0, "at least 0"),
+        ("--dice-lr", args.dice_lr, args.dice_lr > 0, "above 0"),
+    ]
     impossible = [f"{flag} {value} ({rule})" for flag, value, holds, rule in rules if not holds]
     if args.halt_margin is not None and args.halt_margin < 0:
         impossible.append(f"--halt-margin {args.halt_margin} (at least 0, or None never to halt)")
@@ -156,7 +177,9 @@ def real_buffer(data: OfflineDataset, device: torch.device) -> ReplayBuffer:
     buffer = ReplayBuffer(len(data.observations), data.obs_dim, data.act_dim, device)
     as_tensor = lambda x: torch.as_tensor(x, dtype=torch.float32, device=device)
     # Only true terminations stop bootstrapping; time-limit truncations (timeouts) do not.
-    buffer.add(*(as_tensor(x) for x in (data.observations, data.actions, data.rewards, data.next_observations, data.terminals)))
+    buffer.add(
+        *(as_tensor(x) for x in (data.observations, data.actions, data.rewards, data.next_observations, data.terminals))
+    )
     return buffer
 
 
@@ -176,7 +199,15 @@ def rollout_termination(family: str, real_obs: torch.Tensor, halt_margin: float 
 
 
 @torch.no_grad()
-def rollout(dynamics: ProbabilisticEnsemble, actor: Actor, penalty: NoPenalty, start_obs, args: Args, terminated_fn, buffer: ReplayBuffer) -> dict[str, float]:
+def rollout(
+    dynamics: ProbabilisticEnsemble,
+    actor: Actor,
+    penalty: NoPenalty,
+    start_obs,
+    args: Args,
+    terminated_fn,
+    buffer: ReplayBuffer,
+) -> dict[str, float]:
     """h-step rollouts from `start_obs`; each sample steps with a random elite and is penalised, then stored.
 
     Returns means over the stored samples, including the penalty's health: how often tau fell
@@ -189,11 +220,17 @@ def rollout(dynamics: ProbabilisticEnsemble, actor: Actor, penalty: NoPenalty, s
         act, _ = actor(obs)
         groups = MemberGroups(torch.randint(num_elites, (len(obs),), device=obs.device), num_elites)
         next_obs, reward = dynamics.sample_step(obs, act, groups)
-        state_abs_max = torch.maximum(state_abs_max, next_obs.abs().amax())  # NaN-propagating: a broken model state shows here
+        # NaN-propagating: a broken model state shows here.
+        state_abs_max = torch.maximum(state_abs_max, next_obs.abs().amax())
         reward_penalty, tau = penalty(obs, act, groups)
         done = terminated_fn(next_obs)
         buffer.add(obs, act, reward - args.eta * reward_penalty, next_obs, done, groups.member)
-        for name, values in (("reward", reward), ("penalty", reward_penalty), ("terminated", done.float()), ("tau", tau)):
+        for name, values in (
+            ("reward", reward),
+            ("penalty", reward_penalty),
+            ("terminated", done.float()),
+            ("tau", tau),
+        ):
             if values is not None:
                 stats[name].append(values)
         obs = next_obs[~done]
@@ -224,27 +261,42 @@ def mixed_batch(real: ReplayBuffer, model: ReplayBuffer, batch_size: int, real_r
     return Batch(*(torch.cat(pair) for pair in zip(real_part, model_part)))
 
 
-def log_epoch(writer, epoch: int, progress: EpochProgress, sac: dict[str, float], epoch_seconds: float) -> tuple[dict[str, float], dict[str, float]]:
+def log_epoch(
+    writer, epoch: int, progress: EpochProgress, sac: dict[str, float], epoch_seconds: float
+) -> tuple[dict[str, float], dict[str, float]]:
     """The epoch's means into TensorBoard, all at step `epoch`; returns the rollouts' means and the progress bar's health figures."""
     rollout_means = {name: float(np.mean([r[name] for r in progress.rollouts])) for name in progress.rollouts[0]}
-    for group, values in (("dice", progress.dice), ("rollout", rollout_means), ("sac", sac)):
+    for group, values in (("penalty", progress.penalty_stats), ("rollout", rollout_means), ("sac", sac)):
         for name, value in values.items():
             writer.add_scalar(f"{group}/{name}", value, epoch)
     writer.add_scalar("charts/epoch_seconds", epoch_seconds, epoch)
-    health = {"tau_data": progress.dice["tau_data_mean"]} if "tau_data_mean" in progress.dice else {}
+    health = {"tau_data": progress.penalty_stats["tau_data_mean"]} if "tau_data_mean" in progress.penalty_stats else {}
     health.update(penalty=rollout_means["penalty_mean"], bonus=rollout_means["bonus_fraction"])
     if "tau_mean" in rollout_means:
-        health.update(tau_rollout=rollout_means["tau_median"], below=rollout_means.get("tau_below_clip", 0.0), above=rollout_means.get("tau_above_clip", 0.0))
+        health.update(
+            tau_rollout=rollout_means["tau_median"],
+            below=rollout_means.get("tau_below_clip", 0.0),
+            above=rollout_means.get("tau_above_clip", 0.0),
+        )
     return rollout_means, health
 
 
-def evaluation(actor: Actor, data: OfflineDataset, args: Args, epoch: int, wall_seconds: float, rollout_means: dict[str, float]) -> dict[str, float]:
+def evaluation(
+    actor: Actor, data: OfflineDataset, args: Args, epoch: int, wall_seconds: float, rollout_means: dict[str, float]
+) -> dict[str, float]:
     """One row of progress.csv: the deterministic policy's D4RL-normalised score in MuJoCo."""
     returns = evaluate(actor, make_eval_env(data), args.eval_episodes, seed=args.seed * 1000)
     scores = normalized_score(data.family, returns)
-    return {"epoch": epoch, "normalized_score": float(scores.mean()), "normalized_score_std": float(scores.std()), "return": float(returns.mean()),
-            "wall_seconds": round(wall_seconds, 1), "penalty_mean": rollout_means["penalty_mean"],
-            "rollout_tau_mean": rollout_means.get("tau_mean", float("nan")), "rollout_tau_median": rollout_means.get("tau_median", float("nan"))}
+    return {
+        "epoch": epoch,
+        "normalized_score": float(scores.mean()),
+        "normalized_score_std": float(scores.std()),
+        "return": float(returns.mean()),
+        "wall_seconds": round(wall_seconds, 1),
+        "penalty_mean": rollout_means["penalty_mean"],
+        "rollout_tau_mean": rollout_means.get("tau_mean", float("nan")),
+        "rollout_tau_median": rollout_means.get("tau_median", float("nan")),
+    }
 
 
 def parse_args(argv: list[str]) -> Args:
@@ -269,7 +321,7 @@ def main(given: Args):
 
     checkpoint = resume_checkpoint(given, args_from_dict) if given.resume else None
     if given.resume and checkpoint is None:
-        return  # finished
+        return  # the run is finished
     try:
         args, source = settings(given, task_of(given.env))
         data = load_dataset(args.env, args.dataset)
@@ -277,100 +329,108 @@ def main(given: Args):
         raise SystemExit(f"error: {e}")
     data_sha256 = data.transitions_sha256()
     if checkpoint is not None and checkpoint.get("data_sha256", data_sha256) != data_sha256:
-        raise SystemExit(f"error: the dataset {data.path} changed since {args.resume} started; resume needs the same data")
+        raise SystemExit(
+            f"error: the dataset {data.path} changed since {args.resume} started; resume needs the same data"
+        )
     seed_everything(args.seed)
     device = pick_device(args.device)
-    run_dir = os.path.join("runs", args.run_name or f"drop__{data.name.replace('/', '_')}__{args.penalty}__{args.seed}__{int(time.time())}")
-    run_dir = (os.path.dirname(checkpoint_file(args.resume)) or ".") if args.resume else run_dir
-    if not args.resume and os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
-        raise SystemExit(f"error: {run_dir} already holds a run; continue it with `python drop.py --resume {run_dir}`, or pick another --run-name (or delete the folder)")
-    check_writable(run_dir, "runs folder", "run from a folder you can write to, or free some space")
-    print(f"{data.name} ({data.source}, {len(data.observations)} transitions) -> {run_dir}\nsettings: h {args.horizon}, eta {args.eta}, {args.epochs} epochs ({source})")
+    name = f"drop__{data.name.replace('/', '_')}__{args.penalty}__{args.seed}__{int(time.time())}"
+    run_dir = run_folder(args.resume, args.run_name or name)
+    print(f"{data.name} ({data.source}, {len(data.observations)} transitions) -> {run_dir}")
+    print(f"settings: h {args.horizon}, eta {args.eta}, {args.epochs} epochs ({source})")
     real = real_buffer(data, device)
     real_obs, real_act = real.obs[: real.size], real.act[: real.size]
 
     # 1. Dynamics: trained once per data, config and seed (cached), or a saved ensemble. Frozen from here on.
-    if checkpoint and not os.path.isfile(checkpoint["dynamics_path"]):
-        raise SystemExit(f"error: {checkpoint['dynamics_path']}, the ensemble this run trained with, is gone; put it back to resume (a new run trains or reuses one)")
-    dynamics_path = checkpoint["dynamics_path"] if checkpoint else args.dynamics_path
-    dynamics, dynamics_path = trained_or_cached(dynamics_path, not args.no_dynamics_cache, data, data_sha256, args.dynamics, args.seed, run_dir, device)
+    dynamics, dynamics_path = trained_or_cached(
+        checkpoint["dynamics_path"] if checkpoint else args.dynamics_path, not args.no_dynamics_cache,
+        data, data_sha256, args.dynamics, args.seed, run_dir, device,
+    )  # fmt: skip
     dynamics.requires_grad_(False)
     terminated_fn = rollout_termination(data.family, real_obs, args.halt_margin)
-    start_epoch = checkpoint["epoch"] + 1 if checkpoint else 0
-    writer = start_run(run_dir, args, args.track, "drop", purge_step=start_epoch if checkpoint else None)
-    writer.add_text("settings", source)
 
     # 2. SAC, the model buffer, and the penalty (penalties.py): DROP's ratio heads, one per elite, MOPO's or none.
     agent = SAC(data.obs_dim, data.act_dim, args.sac, device)
     model_buffer = ReplayBuffer(model_buffer_capacity(args, args.horizon), data.obs_dim, data.act_dim, device)
     sample_action = lambda obs: agent.actor(obs)[0]
     penalty = build_penalty(args, dynamics, real_obs, real_act, model_buffer, sample_action)
-    if checkpoint is None:
-        penalty.train(args.dice.pretrain_steps)  # GradientDICE's pretraining under the initial policy; the others have nothing to fit yet
-    progress, eval_history, wall_offset, critic_health = EpochProgress(), [], 0.0, CriticHealth()
+    record = RunRecord(run_dir, given, data, data_sha256, dynamics_path, args.epochs)
+    start_epoch = checkpoint["epoch"] + 1 if checkpoint else 0
     if checkpoint:
-        progress, eval_history, wall_offset, critic_health = restore_run(checkpoint, agent, penalty, model_buffer, run_dir, given.seed)
-        print(f"resuming {run_dir} at epoch {start_epoch + 1} (update {progress.step}) of {args.epochs}")
+        restore_run(checkpoint, agent, penalty, model_buffer, record, given.seed)
+        print(f"resuming {run_dir} at epoch {start_epoch + 1} (update {record.progress.step}) of {args.epochs}")
         del checkpoint  # the model buffer now lives in model_buffer; let the mapped file go
+    else:  # GradientDICE's pretraining under the initial policy; the other penalties have nothing to fit yet
+        penalty.train(args.dice.pretrain_steps)
+    writer = start_run(run_dir, args, args.track, "drop", purge_step=start_epoch if start_epoch else None)
+    writer.add_text("settings", source)
     q_bound = return_bound(real.rew[: real.size], penalty.largest(), args.eta, args.sac.gamma)
     data_state_abs_max = real_obs.abs().max().item()
-    run_start = time.perf_counter() - wall_offset
-    save = lambda epoch: save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), agent, penalty, model_buffer, given, data, args.epochs, epoch, progress,
-                                         eval_history, dynamics_path, data_sha256, time.perf_counter() - run_start, critic_health)
-    sac_means = lambda: {name: (value / max(progress.step, 1)).item() for name, value in progress.loss_sums.items()}  # one host sync
+    save = lambda epoch: record.save(epoch, agent, penalty, model_buffer)
 
     def stop_here(last_epoch: int, signum: int):
         writer.flush()  # TensorBoard must hold every step before the checkpoint's, or they are lost for good
         save(last_epoch)
-        where = f"in epoch {last_epoch + 2} of {args.epochs}, after update {progress.step}" if progress.step else f"after epoch {last_epoch + 1} of {args.epochs}"
+        step, epochs = record.progress.step, args.epochs
+        where = (
+            f"in epoch {last_epoch + 2} of {epochs}, after update {step}"
+            if step
+            else f"after epoch {last_epoch + 1} of {epochs}"
+        )
         bar.close()  # its last state above the stop line, not drawn again below it
         print(f"stopped {where}; continue with: python drop.py --resume {run_dir}", flush=True)
         raise SystemExit(128 + signum)
 
     # 3. The epochs: fit the penalty to the current policy, roll out and penalise, update SAC on mixed batches.
     bar = tqdm(total=args.epochs, initial=start_epoch, desc=f"drop {data.name}", unit="epoch")
-    with StopOnSignal() as stop, writer, bar:  # however the loop ends, the logs are flushed and an error starts on a line of its own
+    # However the loop ends, the logs are flushed and an error starts on a line of its own.
+    with StopOnSignal() as stop, writer, bar:
         for epoch in range(start_epoch, args.epochs):
-            epoch_start = time.perf_counter()
+            progress, epoch_start = record.progress, time.perf_counter()
             if progress.step == 0:
-                progress.dice = penalty.train(args.dice_steps)
-                check_finite(progress.dice, "dice/", epoch, run_dir)
+                progress.penalty_stats = penalty.train(args.dice_steps)
+                check_finite(progress.penalty_stats, "penalty/", epoch, run_dir)
             for step in range(progress.step, args.steps_per_epoch):
                 if step % args.rollout_freq == 0:
-                    check_finite(sac_means(), "sac/", epoch, run_dir)  # a NaN from the updates is named as such, not by the rollout it spoils
+                    # A NaN from the updates is named as such, not by the rollout it spoils.
+                    check_finite(progress.sac_means(), "sac/", epoch, run_dir)
                     start_obs = real_obs[torch.randint(real.size, (args.rollout_batch_size,), device=device)]
-                    progress.rollouts.append(rollout(dynamics, agent.actor, penalty, start_obs, args, terminated_fn, model_buffer))
-                    check_finite(progress.rollouts[-1], "rollout/", epoch, run_dir)
-                losses = agent.update(mixed_batch(real, model_buffer, args.sac.batch_size, args.real_ratio))
-                progress.loss_sums = {name: progress.loss_sums.get(name, 0.0) + value for name, value in losses.items()}
-                progress.step = step + 1
+                    summary = rollout(dynamics, agent.actor, penalty, start_obs, args, terminated_fn, model_buffer)
+                    progress.rollouts.append(summary)
+                    check_finite(summary, "rollout/", epoch, run_dir)
+                progress.add(agent.update(mixed_batch(real, model_buffer, args.sac.batch_size, args.real_ratio)))
                 if stop.requested:
-                    check_finite(sac_means(), "sac/", epoch, run_dir)
+                    check_finite(progress.sac_means(), "sac/", epoch, run_dir)
                     stop_here(epoch - 1, stop.requested)
 
-            sac = sac_means() | {"q_bound": q_bound}
+            sac = progress.sac_means() | {"q_bound": q_bound}
             check_finite(sac, "sac/", epoch, run_dir)
             state_abs_max = max(r["state_abs_max"] for r in progress.rollouts)
-            for warning in (critic_health.update(epoch, sac, q_bound), critic_health.update_states(epoch, state_abs_max, data_state_abs_max)):
+            health = record.critic_health
+            for warning in (
+                health.update(epoch, sac, q_bound),
+                health.update_states(epoch, state_abs_max, data_state_abs_max),
+            ):
                 if warning:
                     bar.write(warning, file=sys.stderr)
-            rollout_means, health = log_epoch(writer, epoch, progress, sac, time.perf_counter() - epoch_start)
-            progress = EpochProgress()
-            final = epoch + 1 == args.epochs
+            rollout_means, postfix = log_epoch(writer, epoch, progress, sac, time.perf_counter() - epoch_start)
+            record.progress, final = EpochProgress(), epoch + 1 == args.epochs
             if (epoch + 1) % args.eval_every == 0 or final:
-                eval_history.append(evaluation(agent.actor, data, args, epoch, time.perf_counter() - run_start, rollout_means))
+                record.eval_history.append(
+                    evaluation(agent.actor, data, args, epoch, record.wall_seconds(), rollout_means)
+                )
                 for name in ("return", "normalized_score", "normalized_score_std"):
-                    writer.add_scalar(f"eval/{name}", eval_history[-1][name], epoch)
-                write_progress(os.path.join(run_dir, "progress.csv"), eval_history)
+                    writer.add_scalar(f"eval/{name}", record.eval_history[-1][name], epoch)
+                write_progress(os.path.join(run_dir, "progress.csv"), record.eval_history)
             if (epoch + 1) % (args.save_every or args.eval_every) == 0 or final:
                 writer.flush()
                 save(epoch)
-            score = eval_history[-1]["normalized_score"] if eval_history else float("nan")
+            score = record.eval_history[-1]["normalized_score"] if record.eval_history else float("nan")
             bar.update()
-            bar.set_postfix({name: f"{value:.2f}" for name, value in health.items()} | {"score": f"{score:.1f}"})
+            bar.set_postfix({name: f"{value:.2f}" for name, value in postfix.items()} | {"score": f"{score:.1f}"})
             if stop.requested and not final:
                 stop_here(epoch, stop.requested)
-    print(f"normalized score: {score:.1f} (last eval); {critic_health.summary()}; checkpoint in {run_dir}")
+    print(f"normalized score: {score:.1f} (last eval); {record.critic_health.summary()}; checkpoint in {run_dir}")
 
 
 if __name__ == "__main__":

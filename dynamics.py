@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoint import StopOnSignal, atomic_save, check_writable, exclusive_lock
+from datasets import DEFAULT_ENV
 from nets import EnsembleMLP
 
 
@@ -144,7 +145,9 @@ class ProbabilisticEnsemble(nn.Module):
         """The largest value mopo_penalty can take: every predicted log-variance stays below max_logvar."""
         return (0.5 * self.max_logvar).exp().norm(dim=-1).max().item()
 
-    def sample_step(self, obs: torch.Tensor, act: torch.Tensor, groups: MemberGroups) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_step(
+        self, obs: torch.Tensor, act: torch.Tensor, groups: MemberGroups
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sample (s', r) for each transition from the elite `groups` assigned to it."""
         mean, logvar = self(groups.scatter(obs), groups.scatter(act), self.elites)
         sample = groups.gather(mean + torch.randn_like(mean) * (0.5 * logvar).exp())
@@ -153,7 +156,10 @@ class ProbabilisticEnsemble(nn.Module):
     @torch.no_grad()
     def elite_mean_next_obs(self, obs: torch.Tensor, act: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
         """Each elite's mean next state for every (s, a): `[num_elites, N, obs_dim]`."""
-        parts = [self(obs[i : i + chunk], act[i : i + chunk], self.elites)[0][..., :-1] + obs[i : i + chunk] for i in range(0, len(obs), chunk)]
+        parts = [
+            self(obs[i : i + chunk], act[i : i + chunk], self.elites)[0][..., :-1] + obs[i : i + chunk]
+            for i in range(0, len(obs), chunk)
+        ]
         return torch.cat(parts, 1)
 
     def loss(self, obs: torch.Tensor, act: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -162,7 +168,9 @@ class ProbabilisticEnsemble(nn.Module):
         nll = (((mean - targets) ** 2) * (-logvar).exp() + logvar).mean((1, 2)).sum()
         bounds = self.config.logvar_bound_coef * (self.max_logvar.sum() - self.min_logvar.sum())
         layers = [*self.net.hidden, self.net.output]
-        weight_decay = sum(decay * (layer.weight**2).sum() / 2 for decay, layer in zip(self.config.weight_decays, layers))
+        weight_decay = sum(
+            decay * (layer.weight**2).sum() / 2 for decay, layer in zip(self.config.weight_decays, layers)
+        )
         return nll + bounds + weight_decay
 
 
@@ -200,8 +208,17 @@ def saved_training(path: str | None, fingerprint: str, device: torch.device) -> 
     return state
 
 
-def train_ensemble(model: ProbabilisticEnsemble, obs: torch.Tensor, act: torch.Tensor, next_obs: torch.Tensor, rew: torch.Tensor, seed: int, progress: bool = True,
-                   resume_path: str | None = None, stop: StopOnSignal | None = None) -> list[float]:
+def train_ensemble(
+    model: ProbabilisticEnsemble,
+    obs: torch.Tensor,
+    act: torch.Tensor,
+    next_obs: torch.Tensor,
+    rew: torch.Tensor,
+    seed: int,
+    progress: bool = True,
+    resume_path: str | None = None,
+    stop: StopOnSignal | None = None,
+) -> list[float]:
     """Fit the ensemble by Gaussian NLL on bootstrap samples, early-stop on holdout MSE, pick the elites.
 
     Returns the mean holdout MSE after each epoch. Each member ends with its best-holdout weights.
@@ -237,9 +254,20 @@ def train_ensemble(model: ProbabilisticEnsemble, obs: torch.Tensor, act: torch.T
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         generator.set_state(saved["generator"].cpu())  # a CUDA generator too takes its state on the CPU
-        best, best_state, history, epochs_since_update = saved["best"], saved["best_state"], saved["history"], saved["epochs_since_update"]
-    with tqdm(desc="dynamics", unit="epoch", total=config.max_epochs, initial=len(history), disable=not progress) as bar:  # ETA only with a cap; closed before a stop line
-        while epochs_since_update < config.patience and (config.max_epochs is None or len(history) < config.max_epochs) and not (stop and stop.requested):
+        best, best_state, history, epochs_since_update = (
+            saved["best"],
+            saved["best_state"],
+            saved["history"],
+            saved["epochs_since_update"],
+        )
+    with tqdm(
+        desc="dynamics", unit="epoch", total=config.max_epochs, initial=len(history), disable=not progress
+    ) as bar:  # ETA only with a cap; closed before a stop line
+        while (
+            epochs_since_update < config.patience
+            and (config.max_epochs is None or len(history) < config.max_epochs)
+            and not (stop and stop.requested)
+        ):
             # An independent shuffle of each member's bootstrap sample.
             shuffled = bootstrap.gather(1, torch.rand(bootstrap.shape, generator=generator, device=device).argsort(1))
             for start in range(0, shuffled.shape[1], config.batch_size):
@@ -262,8 +290,19 @@ def train_ensemble(model: ProbabilisticEnsemble, obs: torch.Tensor, act: torch.T
                 epochs_since_update += 1
             history.append(mse.mean().item())
             if resume_path is not None:
-                atomic_save({"fingerprint": fingerprint, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                             "best": best, "best_state": best_state, "history": history, "epochs_since_update": epochs_since_update}, resume_path)
+                atomic_save(
+                    {
+                        "fingerprint": fingerprint,
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "generator": generator.get_state(),
+                        "best": best,
+                        "best_state": best_state,
+                        "history": history,
+                        "epochs_since_update": epochs_since_update,
+                    },
+                    resume_path,
+                )
             bar.update()
             bar.set_postfix(holdout_mse=f"{history[-1]:.4f}", since_improved=epochs_since_update)
     if stop and stop.requested:
@@ -282,7 +321,9 @@ def save_ensemble(model: ProbabilisticEnsemble, path: str, family: str, data_sha
     atomic_save(payload, path)
 
 
-def load_ensemble(path: str, family: str, obs_dim: int, act_dim: int, device: torch.device, data_sha256: str | None = None) -> ProbabilisticEnsemble:
+def load_ensemble(
+    path: str, family: str, obs_dim: int, act_dim: int, device: torch.device, data_sha256: str | None = None
+) -> ProbabilisticEnsemble:
     """Load a saved ensemble, refusing one trained for another env or observation size, and warning
     when it was trained on other transitions than data_sha256's (files from before they recorded it say nothing)."""
     if not os.path.isfile(path):
@@ -293,12 +334,17 @@ def load_ensemble(path: str, family: str, obs_dim: int, act_dim: int, device: to
     except Exception as e:
         raise SystemExit(f"error: {path} is not a dynamics file saved by dynamics.py ({type(e).__name__}: {e})")
     if saved != (family, obs_dim, act_dim):
-        raise SystemExit(f"error: {path} was trained for {saved[0]} (obs {saved[1]}, act {saved[2]}), not {family} (obs {obs_dim}, act {act_dim}); retrain it for this env")
+        raise SystemExit(
+            f"error: {path} was trained for {saved[0]} (obs {saved[1]}, act {saved[2]}), not {family} (obs {obs_dim}, act {act_dim}); retrain it for this env"
+        )
     trained_on = payload.get("data_sha256")
     if data_sha256 is not None and trained_on is not None and trained_on != data_sha256:
         # A warning, not an error: a built-in dataset collected on another machine can differ (docs/long-runs.md).
-        print(f"warning: {path} was trained on other transitions than this dataset's (sha256 {trained_on[:12]}, here {data_sha256[:12]}): "
-              f"its errors and uncertainty are not this data's; retrain it with `python dynamics.py` if that is not what you want", file=sys.stderr)
+        print(
+            f"warning: {path} was trained on other transitions than this dataset's (sha256 {trained_on[:12]}, here {data_sha256[:12]}): "
+            f"its errors and uncertainty are not this data's; retrain it with `python dynamics.py` if that is not what you want",
+            file=sys.stderr,
+        )
     config = payload["config"]
     config.setdefault("logvar_bounds", "per-member")  # files from before the option had one pair per member
     config["weight_decays"] = tuple(config["weight_decays"])
@@ -314,8 +360,16 @@ def cache_file(family: str, data_sha256: str, config: DynamicsConfig, seed: int)
     return os.path.join(cache_dir, f"{family}-{key}.pt")
 
 
-def trained_or_cached(path: str | None, use_cache: bool, data, data_sha256: str, config: DynamicsConfig, seed: int, run_dir: str,
-                      device: torch.device) -> tuple[ProbabilisticEnsemble, str]:
+def trained_or_cached(
+    path: str | None,
+    use_cache: bool,
+    data,
+    data_sha256: str,
+    config: DynamicsConfig,
+    seed: int,
+    run_dir: str,
+    device: torch.device,
+) -> tuple[ProbabilisticEnsemble, str]:
     """The ensemble drop.py rolls out in and its file: `path` if given, else the cache (trained into it on a miss),
     else (use_cache False) trained into run_dir/dynamics.pt. `data` is an OfflineDataset."""
     if path:
@@ -326,9 +380,15 @@ def trained_or_cached(path: str | None, use_cache: bool, data, data_sha256: str,
 
         as_tensor = lambda x: torch.as_tensor(x, dtype=torch.float32, device=device)
         model = ProbabilisticEnsemble(data.obs_dim, data.act_dim, config).to(device)
-        history = train_ensemble(model, *(as_tensor(x) for x in (data.observations, data.actions, data.next_observations, data.rewards)), seed,
-                                 resume_path=path + TRAINING_STATE_SUFFIX)
-        with SummaryWriter(os.path.join(run_dir, "dynamics")) as writer:  # its own folder, so a resume's purge cannot touch it
+        history = train_ensemble(
+            model,
+            *(as_tensor(x) for x in (data.observations, data.actions, data.next_observations, data.rewards)),
+            seed,
+            resume_path=path + TRAINING_STATE_SUFFIX,
+        )
+        with SummaryWriter(
+            os.path.join(run_dir, "dynamics")
+        ) as writer:  # its own folder, so a resume's purge cannot touch it
             for epoch, mse in enumerate(history):
                 writer.add_scalar("dynamics/holdout_mse", mse, epoch)
         save_ensemble(model, path, data.family, data_sha256)
@@ -338,18 +398,24 @@ def trained_or_cached(path: str | None, use_cache: bool, data, data_sha256: str,
         path = os.path.abspath(os.path.join(run_dir, "dynamics.pt"))
         return train(path), path
     path = cache_file(data.family, data_sha256, config, seed)
-    check_writable(os.path.dirname(path), "dynamics cache folder", "set DROP_CACHE_DIR to a writable folder or pass --no-dynamics-cache")
+    check_writable(
+        os.path.dirname(path),
+        "dynamics cache folder",
+        "set DROP_CACHE_DIR to a writable folder or pass --no-dynamics-cache",
+    )
     # A second run on the same key (a sweep) waits here for the first to finish training, then reuses its file.
     with exclusive_lock(path + ".lock", f"waiting for another run that is training the same ensemble into {path}"):
         if os.path.isfile(path):
-            print(f"reusing the trained ensemble {path} (same data, dynamics config and seed; --no-dynamics-cache to retrain)")
+            print(
+                f"reusing the trained ensemble {path} (same data, dynamics config and seed; --no-dynamics-cache to retrain)"
+            )
             return load_ensemble(path, data.family, data.obs_dim, data.act_dim, device, data_sha256), path
         return train(path), path
 
 
 @dataclass
 class Args:
-    env: str = "builtin-hopper-medium"
+    env: str = DEFAULT_ENV
     """dataset name: D4RL (hopper-medium-v2), built-in (builtin-hopper-medium) or Minari (mujoco/hopper/medium-v0)"""
     dataset: str | None = None
     """a D4RL-format HDF5 file to train on instead (--env then names the task)"""
@@ -367,7 +433,9 @@ class Args:
 
 
 @torch.no_grad()
-def uncertainty_report(model: ProbabilisticEnsemble, obs: torch.Tensor, act: torch.Tensor, generator: torch.Generator) -> dict:
+def uncertainty_report(
+    model: ProbabilisticEnsemble, obs: torch.Tensor, act: torch.Tensor, generator: torch.Generator
+) -> dict:
     """Whether the ensemble's variance still depends on (s, a): bounds crossed (max below min, so the
     log-variance is the constant min), outputs whose log-variance varies by under 0.01 over the samples,
     and MOPO's penalty (the elites' largest std norm) at the data's actions and at uniform random ones,
@@ -400,21 +468,39 @@ def main(args: Args):
         generator = torch.Generator(device=device).manual_seed(args.seed)
         rows = torch.randperm(len(data.observations), generator=generator, device=device)[:4000]
         r = uncertainty_report(model, as_tensor(data.observations)[rows], as_tensor(data.actions)[rows], generator)
-        print(f"{args.inspect} ({model.config.logvar_bounds} log-variance bounds), on {len(rows)} samples of {data.name}:\n"
-              f"  crossed bounds: {r['crossed_bounds']} of {r['bounds']}; outputs whose variance no longer depends on (s, a): {r['constant_outputs']} of {r['outputs']} (member x output)\n"
-              f"  MOPO's penalty: {r['mopo_penalty_data']:.2f} at the data's actions, {r['mopo_penalty_random']:.2f} at uniform random actions (ceiling {r['mopo_penalty_ceiling']:.2f})")
+        print(
+            f"{args.inspect} ({model.config.logvar_bounds} log-variance bounds), on {len(rows)} samples of {data.name}:\n"
+            f"  crossed bounds: {r['crossed_bounds']} of {r['bounds']}; outputs whose variance no longer depends on (s, a): {r['constant_outputs']} of {r['outputs']} (member x output)\n"
+            f"  MOPO's penalty: {r['mopo_penalty_data']:.2f} at the data's actions, {r['mopo_penalty_random']:.2f} at uniform random actions (ceiling {r['mopo_penalty_ceiling']:.2f})"
+        )
         return
     model = ProbabilisticEnsemble(data.obs_dim, data.act_dim, args.dynamics).to(device)
-    path = args.out or os.path.join("runs", f"dynamics__{data.name.replace('/', '_')}__{args.seed}__{int(time.time())}", "dynamics.pt")
+    path = args.out or os.path.join(
+        "runs", f"dynamics__{data.name.replace('/', '_')}__{args.seed}__{int(time.time())}", "dynamics.pt"
+    )
     # Ctrl-C and kill are how a long training is paused, so they get a line, not a traceback.
     with StopOnSignal("epoch") as stop:
-        history = train_ensemble(model, as_tensor(data.observations), as_tensor(data.actions), as_tensor(data.next_observations), as_tensor(data.rewards), args.seed,
-                                 resume_path=path + TRAINING_STATE_SUFFIX, stop=stop)
+        history = train_ensemble(
+            model,
+            as_tensor(data.observations),
+            as_tensor(data.actions),
+            as_tensor(data.next_observations),
+            as_tensor(data.rewards),
+            args.seed,
+            resume_path=path + TRAINING_STATE_SUFFIX,
+            stop=stop,
+        )
     if stop.requested:
-        print(f"stopped ({signal.Signals(stop.requested).name}): the finished epochs are saved in {path + TRAINING_STATE_SUFFIX}; the same command goes on from them", file=sys.stderr, flush=True)
+        print(
+            f"stopped ({signal.Signals(stop.requested).name}): the finished epochs are saved in {path + TRAINING_STATE_SUFFIX}; the same command goes on from them",
+            file=sys.stderr,
+            flush=True,
+        )
         raise SystemExit(128 + stop.requested)
     save_ensemble(model, path, data.family, data.transitions_sha256())
-    print(f"trained {len(history)} epochs, holdout MSE {history[0]:.4f} -> {history[-1]:.4f}; elites {model.elites.tolist()}; saved {path}")
+    print(
+        f"trained {len(history)} epochs, holdout MSE {history[0]:.4f} -> {history[-1]:.4f}; elites {model.elites.tolist()}; saved {path}"
+    )
 
 
 if __name__ == "__main__":

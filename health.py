@@ -40,7 +40,10 @@ class CriticHealth:
 
     def update(self, epoch: int, sac: dict[str, float], q_bound: float) -> str | None:
         """Take one epoch's SAC means; returns the one-line warning when the critic has just been found diverging."""
-        self.max_critic_loss, self.max_alpha = max(self.max_critic_loss, sac["critic_loss"]), max(self.max_alpha, sac["alpha"])
+        self.max_critic_loss, self.max_alpha = (
+            max(self.max_critic_loss, sac["critic_loss"]),
+            max(self.max_alpha, sac["alpha"]),
+        )
         if abs(sac["q_mean"]) <= Q_BOUND_FACTOR * q_bound:
             self.over_bound_since = None
             return None
@@ -48,23 +51,35 @@ class CriticHealth:
             self.over_bound_since = epoch
         if self.diverging_since is None and epoch + 1 - self.over_bound_since >= DIVERGING_EPOCHS:
             self.diverging_since = self.over_bound_since
-            return (f"warning: the critic is diverging: mean Q {sac['q_mean']:.3g} has been beyond {Q_BOUND_FACTOR:g} x (max|r| + eta x max penalty) / (1 - gamma) = "
-                    f"{Q_BOUND_FACTOR * q_bound:.3g} since epoch {self.over_bound_since + 1} (critic loss {sac['critic_loss']:.3g}, alpha {sac['alpha']:.3g}); "
-                    "its scores mean nothing (see sac/q_mean, sac/q_bound)")
+            return (
+                f"warning: the critic is diverging: mean Q {sac['q_mean']:.3g} has been beyond {Q_BOUND_FACTOR:g} x (max|r| + eta x max penalty) / (1 - gamma) = "
+                f"{Q_BOUND_FACTOR * q_bound:.3g} since epoch {self.over_bound_since + 1} (critic loss {sac['critic_loss']:.3g}, alpha {sac['alpha']:.3g}); "
+                "its scores mean nothing (see sac/q_mean, sac/q_bound)"
+            )
         return None
 
     def update_states(self, epoch: int, state_abs_max: float, data_state_abs_max: float) -> str | None:
         """Take one epoch's largest rollout |s|; returns the one-line warning the first time it is far beyond the data's."""
         self.max_state_abs = max(self.max_state_abs, state_abs_max)
-        if self.far_states_since is not None or state_abs_max <= FAR_STATE_FACTOR * data_state_abs_max:  # NaN is far too
+        if (
+            self.far_states_since is not None or state_abs_max <= FAR_STATE_FACTOR * data_state_abs_max
+        ):  # NaN is far too
             return None
         self.far_states_since = epoch
-        return (f"warning: model rollouts reach |s| = {state_abs_max:.3g} in epoch {epoch + 1}, beyond {FAR_STATE_FACTOR:g} x the data's largest |s| "
-                f"({data_state_abs_max:.3g}): the model invents states the critic then bootstraps from (see rollout/state_abs_max; --halt-margin ends rollouts there)")
+        return (
+            f"warning: model rollouts reach |s| = {state_abs_max:.3g} in epoch {epoch + 1}, beyond {FAR_STATE_FACTOR:g} x the data's largest |s| "
+            f"({data_state_abs_max:.3g}): the model invents states the critic then bootstraps from (see rollout/state_abs_max; --halt-margin ends rollouts there)"
+        )
 
     def summary(self) -> str:
-        diverged = f"; critic diverging since epoch {self.diverging_since + 1}" if self.diverging_since is not None else ""
-        far = f"; rollout states beyond {FAR_STATE_FACTOR:g} x the data's since epoch {self.far_states_since + 1}" if self.far_states_since is not None else ""
+        diverged = (
+            f"; critic diverging since epoch {self.diverging_since + 1}" if self.diverging_since is not None else ""
+        )
+        far = (
+            f"; rollout states beyond {FAR_STATE_FACTOR:g} x the data's since epoch {self.far_states_since + 1}"
+            if self.far_states_since is not None
+            else ""
+        )
         return f"largest critic loss {self.max_critic_loss:.3g}, largest alpha {self.max_alpha:.3g}, largest rollout |s| {self.max_state_abs:.3g}{diverged}{far}"
 
 

@@ -34,7 +34,14 @@ class EnsembleLinear(nn.Module):
 class EnsembleMLP(nn.Module):
     """E MLPs with the same shape: Linear -> activation, repeated, then a linear output."""
 
-    def __init__(self, num_members: int, in_features: int, out_features: int, hidden: list[int], activation: type[nn.Module] = nn.ReLU):
+    def __init__(
+        self,
+        num_members: int,
+        in_features: int,
+        out_features: int,
+        hidden: list[int],
+        activation: type[nn.Module] = nn.ReLU,
+    ):
         super().__init__()
         sizes = [in_features, *hidden]
         self.hidden = nn.ModuleList(EnsembleLinear(num_members, i, o) for i, o in zip(sizes[:-1], sizes[1:]))

@@ -24,18 +24,32 @@ from sac import ReplayBuffer, adam
 class NoPenalty:
     """MBPO: model rewards as the model predicts them."""
 
-    def __init__(self, args, dynamics: ProbabilisticEnsemble, data_obs: torch.Tensor, data_act: torch.Tensor, model_buffer: ReplayBuffer, policy):
+    def __init__(
+        self,
+        args,
+        dynamics: ProbabilisticEnsemble,
+        data_obs: torch.Tensor,
+        data_act: torch.Tensor,
+        model_buffer: ReplayBuffer,
+        policy,
+    ):
         self.dynamics = dynamics
 
     @staticmethod
     def refuse(args) -> str | None:
         """Why these settings cannot run with this penalty, or None."""
-        return None if args.ratio == "dice" else f"--ratio {args.ratio} is DROP's ratio estimator; --penalty {args.penalty} has no ratio (drop --ratio, or use --penalty drop)"
+        return (
+            None
+            if args.ratio == "dice"
+            else f"--ratio {args.ratio} is DROP's ratio estimator; --penalty {args.penalty} has no ratio (drop --ratio, or use --penalty drop)"
+        )
 
     def train(self, steps: int) -> dict[str, float]:
         return {}
 
-    def __call__(self, obs: torch.Tensor, act: torch.Tensor, groups: MemberGroups) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def __call__(
+        self, obs: torch.Tensor, act: torch.Tensor, groups: MemberGroups
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         return torch.zeros(len(obs), device=obs.device), None
 
     def largest(self) -> float:
@@ -69,12 +83,16 @@ class RatioPenalty(NoPenalty):
         self.transform, self.clip, self.below_clip = args.transform, args.clip, resolve(args.dice).below_clip
         self.data_obs, self.data_act = data_obs, data_act
         # Fixed dataset (s, a) for tau's health check; its own generator, so a resumed run draws the same ones.
-        self.health_idx = torch.randperm(len(data_obs), generator=torch.Generator().manual_seed(args.seed))[:10_000].to(data_obs.device)
+        self.health_idx = torch.randperm(len(data_obs), generator=torch.Generator().manual_seed(args.seed))[:10_000].to(
+            data_obs.device
+        )
 
     @staticmethod
     def refuse(args) -> str | None:
         if args.transform == "log" and (args.clip is None or args.clip[0] <= 0):
-            return "the log transform needs a clip with a positive lower bound: pass --clip 0.01 10 or another --transform"
+            return (
+                "the log transform needs a clip with a positive lower bound: pass --clip 0.01 10 or another --transform"
+            )
         return None
 
     def fit(self, steps: int) -> torch.Tensor:
@@ -112,14 +130,24 @@ class DiceRatio(RatioPenalty):
     def __init__(self, args, dynamics, data_obs, data_act, model_buffer, policy):
         super().__init__(args, dynamics, data_obs, data_act, model_buffer, policy)
         self.config = resolve(args.dice)
-        self.net = build_dice(self.config, data_obs.shape[1], data_act.shape[1], len(dynamics.elites), dynamics.input_mean, dynamics.input_std).to(data_obs.device)
+        self.net = build_dice(
+            self.config,
+            data_obs.shape[1],
+            data_act.shape[1],
+            len(dynamics.elites),
+            dynamics.input_mean,
+            dynamics.input_std,
+        ).to(data_obs.device)
         self.optimizer = dice_optimizer(self.net, args.dice_lr, self.config)
         self.policy, self.lam = policy, args.dice_lambda
         # The dynamics are frozen, so each elite's mean next state for every dataset (s, a) is computed once.
         self.next_obs = dynamics.elite_mean_next_obs(data_obs, data_act)
 
     def fit(self, steps: int) -> torch.Tensor:
-        return train_dice(self.net, self.optimizer, self.data_obs, self.data_act, self.next_obs, self.data_obs, self.policy, steps, self.config, self.lam)
+        obs, act = self.data_obs, self.data_act  # the start states s0 are the data's states too
+        return train_dice(
+            self.net, self.optimizer, obs, act, self.next_obs, obs, self.policy, steps, self.config, self.lam
+        )
 
 
 class ClassifierRatio(RatioPenalty):
@@ -127,8 +155,9 @@ class ClassifierRatio(RatioPenalty):
 
     def __init__(self, args, dynamics, data_obs, data_act, model_buffer, policy):
         super().__init__(args, dynamics, data_obs, data_act, model_buffer, policy)
-        self.net = RatioClassifier(data_obs.shape[1], data_act.shape[1], len(dynamics.elites), args.classifier.hidden, dynamics.input_mean, dynamics.input_std)
-        self.net.to(data_obs.device)
+        obs_dim, act_dim, heads = data_obs.shape[1], data_act.shape[1], len(dynamics.elites)
+        hidden, mean, std = args.classifier.hidden, dynamics.input_mean, dynamics.input_std
+        self.net = RatioClassifier(obs_dim, act_dim, heads, hidden, mean, std).to(data_obs.device)
         self.optimizer = adam(self.net.parameters(), args.classifier.lr, data_obs.device)
         self.model_buffer, self.batch_size = model_buffer, args.classifier.batch_size
 
@@ -141,9 +170,11 @@ class ClassifierRatio(RatioPenalty):
     def fit(self, steps: int) -> torch.Tensor:
         """The positives are what SAC trains on: the model buffer. Before the first rollout it has none, and the ratio stays 1."""
         buffer, size = self.model_buffer, self.model_buffer.size
-        if size == 0:
-            return torch.full((self.net.num_heads,), math.log(2.0), device=self.data_obs.device)  # the logistic loss at logit 0
-        return train_classifier(self.net, self.optimizer, buffer.obs[:size], buffer.act[:size], buffer.member[:size], self.data_obs, self.data_act, steps, self.batch_size)
+        if size == 0:  # the logistic loss at logit 0
+            return torch.full((self.net.num_heads,), math.log(2.0), device=self.data_obs.device)
+        positives = buffer.obs[:size], buffer.act[:size], buffer.member[:size]
+        net, negatives = self.net, (self.data_obs, self.data_act)
+        return train_classifier(net, self.optimizer, *positives, *negatives, steps, self.batch_size)
 
 
 PENALTIES = {"drop": DiceRatio, "drop-classifier": ClassifierRatio, "mopo": MopoPenalty, "none": NoPenalty}
@@ -154,6 +185,8 @@ def penalty_class(args) -> type[NoPenalty]:
     return PENALTIES[f"drop-{args.ratio}" if args.penalty == "drop" and args.ratio != "dice" else args.penalty]
 
 
-def build_penalty(args, dynamics: ProbabilisticEnsemble, data_obs, data_act, model_buffer: ReplayBuffer, policy) -> NoPenalty:
+def build_penalty(
+    args, dynamics: ProbabilisticEnsemble, data_obs, data_act, model_buffer: ReplayBuffer, policy
+) -> NoPenalty:
     """The run's penalty; `policy` maps states to sampled actions of the current policy."""
     return penalty_class(args)(args, dynamics, data_obs, data_act, model_buffer, policy)

@@ -77,7 +77,10 @@ class ReplayBuffer:
         n = obs.shape[0]
         idx = (self.ptr + torch.arange(n, device=self.obs.device)) % self.capacity
         member = torch.zeros(n, dtype=torch.int8, device=self.obs.device) if member is None else member
-        for storage, values in zip((self.obs, self.act, self.rew, self.next_obs, self.done, self.member), (obs, act, rew, next_obs, done, member)):
+        for storage, values in zip(
+            (self.obs, self.act, self.rew, self.next_obs, self.done, self.member),
+            (obs, act, rew, next_obs, done, member),
+        ):
             storage[idx] = values.to(storage.dtype)
         self.ptr = (self.ptr + n) % self.capacity
         self.size = min(self.size + n, self.capacity)
@@ -205,8 +208,13 @@ class SAC:
         with torch.no_grad():
             target_params, params = list(self.critic_target.parameters()), list(self.critic.parameters())
             torch._foreach_lerp_(target_params, params, self.config.polyak)
-        return {"critic_loss": critic_loss.detach(), "actor_loss": actor_loss.detach(), "alpha": alpha, "entropy": -log_prob.detach().mean(),
-                "q_mean": q.detach().mean()}
+        return {
+            "critic_loss": critic_loss.detach(),
+            "actor_loss": actor_loss.detach(),
+            "alpha": alpha,
+            "entropy": -log_prob.detach().mean(),
+            "q_mean": q.detach().mean(),
+        }
 
 
 def evaluate(actor: Actor, env, episodes: int, seed: int) -> np.ndarray:
@@ -259,13 +267,30 @@ def write_replay(path: str, buffer: ReplayBuffer, truncations: np.ndarray, args,
     """The replay buffer in step order as a D4RL-format file; the last row, cut by the stop, counts as truncated."""
     from datasets import write_hdf5_atomically
 
-    order = (buffer.ptr + np.arange(buffer.size)) % buffer.capacity if buffer.size == buffer.capacity else np.arange(buffer.size)
-    arrays = {key: getattr(buffer, name)[order].cpu().numpy() for key, name in
-              (("observations", "obs"), ("actions", "act"), ("rewards", "rew"), ("next_observations", "next_obs"))}
+    order = (
+        (buffer.ptr + np.arange(buffer.size)) % buffer.capacity
+        if buffer.size == buffer.capacity
+        else np.arange(buffer.size)
+    )
+    arrays = {
+        key: getattr(buffer, name)[order].cpu().numpy()
+        for key, name in (
+            ("observations", "obs"),
+            ("actions", "act"),
+            ("rewards", "rew"),
+            ("next_observations", "next_obs"),
+        )
+    }
     arrays["terminals"] = buffer.done[order].cpu().numpy() > 0
     arrays["timeouts"] = truncations[order].copy()
     arrays["timeouts"][-1] |= not arrays["terminals"][-1]
-    attrs = {"env_id": args.env, "seed": args.seed, "num_transitions": buffer.size, "source": "sac.py replay buffer", "sac_step": step}
+    attrs = {
+        "env_id": args.env,
+        "seed": args.seed,
+        "num_transitions": buffer.size,
+        "source": "sac.py replay buffer",
+        "sac_step": step,
+    }
     write_hdf5_atomically(Path(path), arrays, attrs)
 
 
@@ -307,7 +332,9 @@ def main(args: Args):
         env, eval_env = make_gym_env(args.env), make_gym_env(args.env)
     except DatasetError as e:
         raise SystemExit(f"error: {e}")
-    if not isinstance(env.action_space, gym.spaces.Box) or not np.allclose(env.action_space.low, -env.action_space.high):
+    if not isinstance(env.action_space, gym.spaces.Box) or not np.allclose(
+        env.action_space.low, -env.action_space.high
+    ):
         raise SystemExit(f"error: {args.env} needs a symmetric continuous (Box) action space for sac.py")
     seed_everything(args.seed)
     device = pick_device(args.device)
@@ -317,7 +344,9 @@ def main(args: Args):
     action_scale = env.action_space.high
     agent = SAC(obs_dim, act_dim, args.sac, device)
     buffer = ReplayBuffer(min(args.buffer_size, args.total_steps), obs_dim, act_dim, device)
-    truncations = np.zeros(buffer.capacity, dtype=bool)  # the buffer keeps terminations only; a D4RL file needs time limits too
+    truncations = np.zeros(
+        buffer.capacity, dtype=bool
+    )  # the buffer keeps terminations only; a D4RL file needs time limits too
     env.action_space.seed(args.seed)
 
     as_row = lambda x: torch.as_tensor(np.asarray(x, dtype=np.float32)[None], device=device)  # a batch of one

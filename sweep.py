@@ -164,10 +164,14 @@ def iqm_with_ci(per_task: list[np.ndarray], reps: int, seed: int = 0) -> tuple[f
     return float(iqm(np.concatenate(per_task))), percentile_interval(iqm(np.concatenate(resampled, -1)))
 
 
-def improvement_with_ci(x_per_task: list[np.ndarray], y_per_task: list[np.ndarray], reps: int, seed: int = 0) -> tuple[float, tuple[float, float]]:
+def improvement_with_ci(
+    x_per_task: list[np.ndarray], y_per_task: list[np.ndarray], reps: int, seed: int = 0
+) -> tuple[float, tuple[float, float]]:
     """P(X > Y) and its 95% stratified-bootstrap interval (X's and Y's runs resampled independently)."""
     rng = np.random.default_rng(seed)
-    boot = probability_of_improvement(stratified_resample(x_per_task, reps, rng), stratified_resample(y_per_task, reps, rng))
+    boot = probability_of_improvement(
+        stratified_resample(x_per_task, reps, rng), stratified_resample(y_per_task, reps, rng)
+    )
     return float(probability_of_improvement(x_per_task, y_per_task)), percentile_interval(boot)
 
 
@@ -190,12 +194,16 @@ def drop_flags_checked(passthrough: list[str], default: drop.Args | None = None)
     """drop.py's arguments from the pass-through flags (on top of `default`); a flag drop.py refuses ends the sweep before it starts."""
     for group in split_flags(passthrough):
         if group[0].split("=")[0].replace("_", "-") in SWEEP_FLAGS:
-            raise SystemExit(f"error: {group[0]} is set by sweep.py for each run; use --envs, --seeds, --penalties, --etas, --name instead")
+            raise SystemExit(
+                f"error: {group[0]} is set by sweep.py for each run; use --envs, --seeds, --penalties, --etas, --name instead"
+            )
     try:
         with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
             return tyro.cli(drop.Args, args=passthrough, default=default)
     except SystemExit:
-        raise SystemExit(f"error: drop.py does not take `{' '.join(passthrough)}`; see `python drop.py --help` for its flags") from None
+        raise SystemExit(
+            f"error: drop.py does not take `{' '.join(passthrough)}`; see `python drop.py --help` for its flags"
+        ) from None
 
 
 def drop_variants(variants: tuple[str, ...]) -> list[tuple[str, tuple[str, ...]]]:
@@ -204,7 +212,9 @@ def drop_variants(variants: tuple[str, ...]) -> list[tuple[str, tuple[str, ...]]
     for variant in variants:
         name, equals, flags = variant.partition("=")
         if not equals or not name.replace("-", "").isalnum() or name in {n for n, _ in parsed}:
-            raise SystemExit(f"error: --variants {variant!r}: each variant is NAME=FLAGS with a new name of letters, digits and dashes, e.g. checked='--dice.preset checked'")
+            raise SystemExit(
+                f"error: --variants {variant!r}: each variant is NAME=FLAGS with a new name of letters, digits and dashes, e.g. checked='--dice.preset checked'"
+            )
         parsed.append((name, tuple(flags.split())))
     return parsed
 
@@ -249,7 +259,10 @@ def resume_flags(run_dir: str, planned_epochs: int) -> list[str] | None:
     if not os.path.isfile(path):
         return []
     checkpoint = read_checkpoint(path)
-    if checkpoint.get("finished", checkpoint["epoch"] + 1 == planned_epochs) and checkpoint.get("epochs", planned_epochs) == planned_epochs:
+    if (
+        checkpoint.get("finished", checkpoint["epoch"] + 1 == planned_epochs)
+        and checkpoint.get("epochs", planned_epochs) == planned_epochs
+    ):
         return None
     return ["--resume", run_dir, "--epochs", str(planned_epochs)] if "finished" in checkpoint else []
 
@@ -257,9 +270,18 @@ def resume_flags(run_dir: str, planned_epochs: int) -> list[str] | None:
 def refuse_changed_settings(sweep_dir: str, runs: list[Run], drop_args: drop.Args):
     """Stop before anything runs if a run or ensemble already in sweep_dir was made with other
     settings than this command's: mixing them would put two experiments in one table."""
-    ignored = {"dynamics_path", "device", "track", "resume", "epochs"}  # where and how a run ran, not what it computed; more epochs extend a run
+    ignored = {
+        "dynamics_path",
+        "device",
+        "track",
+        "resume",
+        "epochs",
+    }  # where and how a run ran, not what it computed; more epochs extend a run
     # (file, its settings' key, the settings wanted, their flags' prefix, the most epochs a run there may have done)
-    saved_files = [(dynamics_path(sweep_dir, run.env, run.seed), "config", asdict(drop_args.dynamics), "--dynamics.", None) for run in runs]
+    saved_files = [
+        (dynamics_path(sweep_dir, run.env, run.seed), "config", asdict(drop_args.dynamics), "--dynamics.", None)
+        for run in runs
+    ]
     saved_files += [
         (os.path.join(sweep_dir, "runs", run.name, "checkpoint.pt"), "args",
          asdict(replace(drop_flags_checked(list(run.flags), drop_args), env=run.env, penalty=run.penalty, eta=run.eta, seed=run.seed, run_name=run.name)), "--", run.epochs)
@@ -270,11 +292,19 @@ def refuse_changed_settings(sweep_dir: str, runs: list[Run], drop_args: drop.Arg
             continue
         saved_file = read_checkpoint(path)
         saved = flat_fields(saved_file[key])
-        changed = [f"{flag_prefix}{name.replace('_', '-')} {saved[name]} then, {value} now" for name, value in flat_fields(wanted).items() if name in saved and name not in ignored and saved[name] != value]
+        changed = [
+            f"{flag_prefix}{name.replace('_', '-')} {saved[name]} then, {value} now"
+            for name, value in flat_fields(wanted).items()
+            if name in saved and name not in ignored and saved[name] != value
+        ]
         if changed:
-            raise SystemExit(f"error: {path} was made with other settings ({'; '.join(changed)}); give this sweep another --name, or delete that file")
+            raise SystemExit(
+                f"error: {path} was made with other settings ({'; '.join(changed)}); give this sweep another --name, or delete that file"
+            )
         if most_epochs is not None and (done := saved_file["epoch"] + 1) > most_epochs:
-            raise SystemExit(f"error: {path} has done {done} epochs, more than this sweep's {most_epochs}; a sweep can extend its runs, not shorten them (give --epochs {done} or more, or another --name)")
+            raise SystemExit(
+                f"error: {path} has done {done} epochs, more than this sweep's {most_epochs}; a sweep can extend its runs, not shorten them (give --epochs {done} or more, or another --name)"
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,7 +334,9 @@ def run_script(argv: list[str], cwd: str, log_path: str, threads: int):
     if result.returncode != 0:
         with open(log_path) as log:
             last_line = next((line.strip() for line in reversed(log.readlines()) if line.strip()), "")
-        raise ScriptFailed(f"{os.path.basename(argv[0])} exited with {result.returncode}: {last_line} (log: {log_path})")
+        raise ScriptFailed(
+            f"{os.path.basename(argv[0])} exited with {result.returncode}: {last_line} (log: {log_path})"
+        )
     record = {"host": socket.gethostname(), "wall_seconds": time.time() - started, "command": argv}
     with open(log_path.removesuffix(".log") + ".json", "w") as file:
         json.dump(record, file)
@@ -320,10 +352,17 @@ def prepare_dataset(env: str) -> float:
     return float(normalized_score(data.family, data.episode_returns()).mean())
 
 
-def train_dynamics(env: str, seed: int, path: str, flags: list[str], sweep_dir: str, threads: int, _dataset_ready: str) -> str:
+def train_dynamics(
+    env: str, seed: int, path: str, flags: list[str], sweep_dir: str, threads: int, _dataset_ready: str
+) -> str:
     if not os.path.isfile(path):  # dynamics.py saves atomically: a file here is a whole ensemble
         log = os.path.join(sweep_dir, "logs", "dynamics__" + os.path.basename(path).removesuffix(".pt") + ".log")
-        run_script([os.path.join(HERE, "dynamics.py"), "--env", env, "--seed", str(seed), "--out", path, *flags], sweep_dir, log, threads)
+        run_script(
+            [os.path.join(HERE, "dynamics.py"), "--env", env, "--seed", str(seed), "--out", path, *flags],
+            sweep_dir,
+            log,
+            threads,
+        )
     return path
 
 
@@ -381,7 +420,13 @@ def kept_rows(sweep_dir: str, runs: list[Run]) -> dict[Run, dict]:
         return {}
     with open(path) as file:
         recorded = {row["run_dir"]: row for row in csv.DictReader(file)}
-    as_number = lambda key, value: value if key in ("dataset", "penalty", "host", "run_dir") else int(value) if key in ("seed", "epochs") else float(value)
+    as_number = lambda key, value: (
+        value
+        if key in ("dataset", "penalty", "host", "run_dir")
+        else int(value)
+        if key in ("seed", "epochs")
+        else float(value)
+    )
     return {
         run: {key: as_number(key, value) for key, value in recorded[run_dir].items()}
         for run in runs if (run_dir := os.path.join("runs", run.name)) in recorded
@@ -393,7 +438,11 @@ def critic_columns(health: dict | None) -> dict:
     if health is None:
         return {"max_critic_loss": float("nan"), "max_alpha": float("nan"), "diverging_since": float("nan")}
     since = health["diverging_since"]
-    return {"max_critic_loss": health["max_critic_loss"], "max_alpha": health["max_alpha"], "diverging_since": 0 if since is None else since + 1}
+    return {
+        "max_critic_loss": health["max_critic_loss"],
+        "max_alpha": health["max_alpha"],
+        "diverging_since": 0 if since is None else since + 1,
+    }
 
 
 def write_atomically(path: str, text: str):
@@ -433,7 +482,14 @@ def format_table(title: str, runs: list[Run], rows: dict[Run, dict], failed: lis
     ]
     for env in envs:
         scores = [cells.get((env, column)) for column in columns]
-        ours = ["—" if s is None else f"{s.mean():.1f} ± {s.std(ddof=1):.1f} ({len(s)})" if len(s) > 1 else f"{s[0]:.1f} (1)" for s in scores]
+        ours = [
+            "—"
+            if s is None
+            else f"{s.mean():.1f} ± {s.std(ddof=1):.1f} ({len(s)})"
+            if len(s) > 1
+            else f"{s[0]:.1f} (1)"
+            for s in scores
+        ]
         mark = "†" if env.startswith("builtin-") or "/" in env else ""
         paper = [f"{value}{mark}" for value in PAPER_TABLE1[tasks[env]]] if tasks[env] in PAPER_TABLE1 else ["—"] * 3
         lines.append(f"| {env} | " + " | ".join(ours + paper) + " |")
@@ -457,19 +513,41 @@ def format_table(title: str, runs: list[Run], rows: dict[Run, dict], failed: lis
         value, (low, high) = iqm_with_ci(per_column[column], reps)
         lines.append(f"| {column} | {value:.1f} | [{low:.1f}, {high:.1f}] | {sum(map(len, per_column[column]))} |")
     if len(complete) < len(columns):
-        lines += ["", f"Not aggregated, for lack of a score on every dataset: {', '.join(c for c in columns if c not in complete)}."]
+        lines += [
+            "",
+            f"Not aggregated, for lack of a score on every dataset: {', '.join(c for c in columns if c not in complete)}.",
+        ]
     drops = [c for c in complete if c.startswith("drop")]
     others = [c for c in complete if not c.startswith("drop")]
     if drops and others:
-        lines += ["", "Probability of improvement P(X > Y): the chance that a run of X scores higher than a run of Y on the same dataset, averaged over datasets, with its 95% interval.", "", "| X | Y | P(X > Y) | 95% CI |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "Probability of improvement P(X > Y): the chance that a run of X scores higher than a run of Y on the same dataset, averaged over datasets, with its 95% interval.",
+            "",
+            "| X | Y | P(X > Y) | 95% CI |",
+            "|---|---|---|---|",
+        ]
         for x, y in itertools.product(drops, others):
             value, (low, high) = improvement_with_ci(per_column[x], per_column[y], reps)
             lines.append(f"| {x} | {y} | {value:.2f} | [{low:.2f}, {high:.2f}] |")
-    lines += ["", "Every run's critic: SAC's largest epoch-mean critic loss and alpha, and the epoch since which its mean Q was diverging (drop.py's warning).",
-              "", "| run | epochs | score | largest critic loss | largest alpha | diverging since |", "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Every run's critic: SAC's largest epoch-mean critic loss and alpha, and the epoch since which its mean Q was diverging (drop.py's warning).",
+        "",
+        "| run | epochs | score | largest critic loss | largest alpha | diverging since |",
+        "|---|---|---|---|---|---|",
+    ]
     for run, row in rows.items():
-        since = "never" if row["diverging_since"] == 0 else "—" if math.isnan(row["diverging_since"]) else f"epoch {row['diverging_since']:.0f}"
-        lines.append(f"| {run.name} | {row['epochs']} | {row['normalized_score']:.1f} | {row['max_critic_loss']:.3g} | {row['max_alpha']:.3g} | {since} |")
+        since = (
+            "never"
+            if row["diverging_since"] == 0
+            else "—"
+            if math.isnan(row["diverging_since"])
+            else f"epoch {row['diverging_since']:.0f}"
+        )
+        lines.append(
+            f"| {run.name} | {row['epochs']} | {row['normalized_score']:.1f} | {row['max_critic_loss']:.3g} | {row['max_alpha']:.3g} | {since} |"
+        )
     if failed:
         lines += ["", f"Failed runs ({len(failed)}), left out above:", *[f"- {line}" for line in failed]]
     return "\n".join(lines) + "\n"
@@ -502,20 +580,37 @@ def plot_curves(path: str, runs: list[Run], sweep_dir: str, behaviour_scores: di
     columns = list(dict.fromkeys(run.column for run in runs))
     ncols = min(len(envs), 3)
     nrows = -(-len(envs) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(6.5 * ncols, 3.2 * nrows), squeeze=False)  # room for the legend beside each panel
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(6.5 * ncols, 3.2 * nrows), squeeze=False
+    )  # room for the legend beside each panel
     for ax, env in zip(axes.flat, envs):
         for color, column in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4, columns):
-            curves = [read_progress(os.path.join(sweep_dir, "runs", run.name)) for run in runs if (run.env, run.column) == (env, column)]
+            curves = [
+                read_progress(os.path.join(sweep_dir, "runs", run.name))
+                for run in runs
+                if (run.env, run.column) == (env, column)
+            ]
             curves = [curve for curve in curves if curve]
             if not curves:
                 continue
             length = min(map(len, curves))  # a cut-off seed shortens the band rather than bending it
             epochs = np.array([row["epoch"] + 1 for row in curves[0][:length]])
             scores = np.array([[row["normalized_score"] for row in curve[:length]] for curve in curves])
-            ax.plot(epochs, scores.mean(0), color=color, label=f"{column} ({len(curves)} seed{'s' if len(curves) > 1 else ''})")
+            ax.plot(
+                epochs,
+                scores.mean(0),
+                color=color,
+                label=f"{column} ({len(curves)} seed{'s' if len(curves) > 1 else ''})",
+            )
             ax.fill_between(epochs, scores.min(0), scores.max(0), color=color, alpha=0.2)
         if env in behaviour_scores:
-            ax.axhline(behaviour_scores[env], color="gray", linestyle="--", linewidth=1, label=f"the data ({behaviour_scores[env]:.0f})")
+            ax.axhline(
+                behaviour_scores[env],
+                color="gray",
+                linestyle="--",
+                linewidth=1,
+                label=f"the data ({behaviour_scores[env]:.0f})",
+            )
         ax.set(title=env, xlabel="epoch", ylabel="normalised score")
         if ax.lines:  # no lines before drop.py writes progress.csv
             ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
@@ -539,9 +634,17 @@ def start_ray(address: str | None, num_cpus: int | None):
     # Workers import this file's tasks by module name; the runs' output goes to logs/, not to this console.
     python_path = os.pathsep.join(filter(None, [HERE, os.environ.get("PYTHONPATH")]))
     try:
-        ray.init(address=address, log_to_driver=False, logging_level="WARNING", runtime_env={"env_vars": {"PYTHONPATH": python_path}}, **local)
+        ray.init(
+            address=address,
+            log_to_driver=False,
+            logging_level="WARNING",
+            runtime_env={"env_vars": {"PYTHONPATH": python_path}},
+            **local,
+        )
     except ConnectionError as e:
-        raise SystemExit(f"error: no Ray cluster at --address {address} ({' '.join(str(e).split())}); start one with `ray start --head`, or leave out --address for a local Ray") from None
+        raise SystemExit(
+            f"error: no Ray cluster at --address {address} ({' '.join(str(e).split())}); start one with `ray start --head`, or leave out --address for a local Ray"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -550,15 +653,24 @@ def interrupt_message(bar):
     try:
         yield
     except KeyboardInterrupt:
-        raise SystemExit(f"interrupted after {bar.n} of {bar.total} runs; the same command carries on from there") from None
+        raise SystemExit(
+            f"interrupted after {bar.n} of {bar.total} runs; the same command carries on from there"
+        ) from None
 
 
-def run_grid(args: Args, passthrough: list[str], runs: list[Run], sweep_dir: str) -> tuple[dict[Run, dict], list[str], dict[str, float]]:
+def run_grid(
+    args: Args, passthrough: list[str], runs: list[Run], sweep_dir: str
+) -> tuple[dict[Run, dict], list[str], dict[str, float]]:
     """Every run of the grid that is not finished, on Ray: each run's results row, the failed runs,
     and the own score of each dataset prepared."""
     from tqdm import tqdm
 
-    dynamics_flags = [token for group in split_flags(passthrough) if group[0].startswith(("--dynamics.", "--device")) for token in group]
+    dynamics_flags = [
+        token
+        for group in split_flags(passthrough)
+        if group[0].startswith(("--dynamics.", "--device"))
+        for token in group
+    ]
     finished = {run for run in runs if resume_flags(os.path.join(sweep_dir, "runs", run.name), run.epochs) is None}
     if len(finished) < len(runs):
         start_ray(args.address, args.num_cpus)
@@ -577,7 +689,9 @@ def run_grid(args: Args, passthrough: list[str], runs: list[Run], sweep_dir: str
             datasets_ready[run.env] = data_task.remote(run.env)
         if (run.env, run.seed) not in ensembles:
             path = dynamics_path(sweep_dir, run.env, run.seed)
-            ensembles[run.env, run.seed] = dynamics_task.remote(run.env, run.seed, path, dynamics_flags, sweep_dir, args.cpus_per_run, datasets_ready[run.env])
+            ensembles[run.env, run.seed] = dynamics_task.remote(
+                run.env, run.seed, path, dynamics_flags, sweep_dir, args.cpus_per_run, datasets_ready[run.env]
+            )
         pending[run_task.remote(run, passthrough, sweep_dir, args.cpus_per_run, ensembles[run.env, run.seed])] = run
 
     to_train = sum(not os.path.isfile(dynamics_path(sweep_dir, env, seed)) for env, seed in ensembles)
@@ -585,7 +699,10 @@ def run_grid(args: Args, passthrough: list[str], runs: list[Run], sweep_dir: str
           f"{to_train} dynamics ensembles to train; {args.cpus_per_run} CPU(s) per run; output in {sweep_dir}")  # fmt: skip
     rows = {run: result_row(run, sweep_dir) for run in finished}
     failed = []
-    with tqdm(total=len(runs), initial=len(finished), desc=f"sweep {args.name}", unit="run") as bar, interrupt_message(bar):
+    with (
+        tqdm(total=len(runs), initial=len(finished), desc=f"sweep {args.name}", unit="run") as bar,
+        interrupt_message(bar),
+    ):
         while pending:
             [ref], _ = ray.wait(list(pending), num_returns=1)
             run = pending.pop(ref)
@@ -597,7 +714,9 @@ def run_grid(args: Args, passthrough: list[str], runs: list[Run], sweep_dir: str
                 bar.write(f"FAILED {failed[-1]}")
             else:
                 rows[run] = row = result_row(run, sweep_dir)
-                bar.write(f"{run.name}: score {row['normalized_score']:.1f} after {row['epochs']} epochs, {row['wall_seconds']:.0f} s on {row['host']}")
+                bar.write(
+                    f"{run.name}: score {row['normalized_score']:.1f} after {row['epochs']} epochs, {row['wall_seconds']:.0f} s on {row['host']}"
+                )
             bar.update()
 
     prepared = {}
@@ -618,9 +737,17 @@ def main(args: Args, passthrough: list[str]) -> list[dict]:
     refuse_changed_settings(sweep_dir, runs, drop_args)
     if args.report_only:
         if not os.path.isdir(sweep_dir):
-            raise SystemExit(f"error: --report-only: there is no sweep {args.name!r} here ({sweep_dir}); run it first without --report-only")
-        rows = {run: result_row(run, sweep_dir) for run in runs if os.path.isfile(os.path.join(sweep_dir, "runs", run.name, "checkpoint.pt"))}
-        kept = {run: row for run, row in kept_rows(sweep_dir, runs).items() if run not in rows}  # a run's own folder wins
+            raise SystemExit(
+                f"error: --report-only: there is no sweep {args.name!r} here ({sweep_dir}); run it first without --report-only"
+            )
+        rows = {
+            run: result_row(run, sweep_dir)
+            for run in runs
+            if os.path.isfile(os.path.join(sweep_dir, "runs", run.name, "checkpoint.pt"))
+        }
+        kept = {
+            run: row for run, row in kept_rows(sweep_dir, runs).items() if run not in rows
+        }  # a run's own folder wins
         rows |= kept
         failed, prepared = [], {}
     else:
@@ -639,7 +766,9 @@ def main(args: Args, passthrough: list[str]) -> list[dict]:
     plot_curves(os.path.join(sweep_dir, "curves.png"), runs, sweep_dir, record_data_scores(sweep_dir, prepared))
     print(table)
     if failed:
-        raise SystemExit(f"error: {len(failed)} of {len(runs)} runs failed (listed in {sweep_dir}/table.md); run the same command again to retry them")
+        raise SystemExit(
+            f"error: {len(failed)} of {len(runs)} runs failed (listed in {sweep_dir}/table.md); run the same command again to retry them"
+        )
     return list(rows.values())
 
 

@@ -11,7 +11,6 @@ import re
 
 import pytest
 import torch
-
 from test_drop import ROOT, TINY, hopper_file, run_script  # noqa: F401 (fixture)
 
 SCORE = re.compile(r"normalized score: (-?[\d.]+)")
@@ -24,7 +23,19 @@ def workdir(tmp_path_factory):
 
 @pytest.mark.parametrize("penalty", ["drop", "mopo", "none"])
 def test_tiny_run_trains_checkpoints_and_scores(penalty, hopper_file, workdir):
-    result = run_script(os.path.join(ROOT, "drop.py"), "--env", "hopper-medium-v2", "--dataset", hopper_file, *TINY, "--penalty", penalty, "--run-name", penalty, cwd=workdir)
+    result = run_script(
+        os.path.join(ROOT, "drop.py"),
+        "--env",
+        "hopper-medium-v2",
+        "--dataset",
+        hopper_file,
+        *TINY,
+        "--penalty",
+        penalty,
+        "--run-name",
+        penalty,
+        cwd=workdir,
+    )
     assert result.returncode == 0, result.stderr
     assert math.isfinite(float(SCORE.search(result.stdout).group(1))), result.stdout
 

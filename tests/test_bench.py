@@ -18,12 +18,24 @@ TOLERANCE = 1e-5  # float32 round-off between differently ordered matmuls
 
 def test_tiny_bench_writes_every_field(tmp_path):
     out = tmp_path / "bench.json"
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--tiny", "--families", "hopper", "--json", str(out)], capture_output=True, text=True, timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench.py"), "--tiny", "--families", "hopper", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=os.environ | {"OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr
     assert "drop/none" in result.stdout
     report = json.loads(out.read_text())["hopper"]
     for penalty in ("drop", "mopo", "none"):
-        for key in ("epoch_seconds", "sac_updates_per_s", "rollout_seconds", "dice_seconds", "dynamics_train_seconds_per_epoch"):
+        for key in (
+            "epoch_seconds",
+            "sac_updates_per_s",
+            "rollout_seconds",
+            "dice_seconds",
+            "dynamics_train_seconds_per_epoch",
+        ):
             assert report[penalty][key] >= 0, (penalty, key)
         assert report[penalty]["epoch_seconds"] > 0
     assert report["drop"]["dice_seconds"] > 0 and report["none"]["dice_seconds"] == 0
@@ -58,12 +70,22 @@ def test_batched_dice_objective_equals_plain_formula():
     s_next, a_next = torch.randn(heads, n, obs_dim), torch.randn(heads, n, act_dim)
     batched = dice.objective(s, a, s_next, a_next, s0, a0, gamma, lam)
     for h in range(heads):
+
         def net(module, x):  # head h alone, as plain matmuls
             for layer in module.hidden:
                 x = torch.relu(x @ layer.weight[h] + layer.bias[h])
             return (x @ module.output.weight[h] + module.output.bias[h]).squeeze(-1)
 
         tau, f = net(dice.tau, torch.cat([s, a], -1)), net(dice.f, torch.cat([s, a], -1))
-        f_next, f_init, nu = net(dice.f, torch.cat([s_next[h], a_next[h]], -1)), net(dice.f, torch.cat([s0, a0], -1)), dice.nu[h, 0]
-        plain = (1 - gamma) * f_init.mean() + gamma * (tau * f_next).mean() - (tau * f + f**2 / 2).mean() + lam * ((nu * tau - nu).mean() - nu**2 / 2)
+        f_next, f_init, nu = (
+            net(dice.f, torch.cat([s_next[h], a_next[h]], -1)),
+            net(dice.f, torch.cat([s0, a0], -1)),
+            dice.nu[h, 0],
+        )
+        plain = (
+            (1 - gamma) * f_init.mean()
+            + gamma * (tau * f_next).mean()
+            - (tau * f + f**2 / 2).mean()
+            + lam * ((nu * tau - nu).mean() - nu**2 / 2)
+        )
         assert torch.allclose(batched[h], plain, atol=TOLERANCE)

@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 import torch
 import tyro
+from test_drop import TINY, hopper_file  # noqa: F401 (fixture)
+from test_known_answer import POLICY, medium_random_files
 
 import datasets
 import drop
 import penalties
 from classifier import ClassifierConfig, RatioClassifier, classifier_loss, separation, train_classifier, what_separates
 from sac import Actor
-from test_drop import TINY, hopper_file  # noqa: F401 (fixture)
-from test_known_answer import POLICY, medium_random_files
 
 torch.set_num_threads(1)
 TRANSITIONS = 10_000  # per behaviour policy
@@ -82,7 +82,10 @@ def test_behaviour_policy_in_a_perfect_model_has_log_ratio_zero_on_the_data(hopp
     behaviour = fit(obs, policy_actions(obs), obs, act)
     uniform = fit(obs, torch.rand_like(act) * 2 - 1, obs, act)
     with torch.no_grad():
-        on_data, control = behaviour.logit(obs, act)[0].abs().mean().item(), uniform.logit(obs, act)[0].abs().mean().item()
+        on_data, control = (
+            behaviour.logit(obs, act)[0].abs().mean().item(),
+            uniform.logit(obs, act)[0].abs().mean().item(),
+        )
     print(f"\nbehaviour policy: mean |logit| on the data {on_data:.3f}; uniform actions (control) {control:.3f}")
     assert on_data < 0.2
     assert control > 1.0
@@ -110,7 +113,17 @@ def test_each_head_learns_from_its_own_elites_samples():
     model = torch.cat([torch.randn(2000, 2) + 2.0, torch.randn(2000, 2) - 2.0])
     member = torch.cat([torch.zeros(2000), torch.ones(2000)]).to(torch.int8)
     classifier = RatioClassifier(1, 1, 2, 32, torch.zeros(2), torch.ones(2))
-    train_classifier(classifier, torch.optim.Adam(classifier.parameters(), lr=1e-3), model[:, :1], model[:, 1:], member, data[:, :1], data[:, 1:], 500, 128)
+    train_classifier(
+        classifier,
+        torch.optim.Adam(classifier.parameters(), lr=1e-3),
+        model[:, :1],
+        model[:, 1:],
+        member,
+        data[:, :1],
+        data[:, 1:],
+        500,
+        128,
+    )
     with torch.no_grad():
         logit = classifier.logit(torch.tensor([[2.0], [-2.0]]), torch.tensor([[2.0], [-2.0]]))
     assert logit[0, 0] > 1.0 > logit[0, 1] and logit[1, 1] > 1.0 > logit[1, 0]
@@ -139,12 +152,29 @@ def test_each_step_is_a_balanced_batch_per_head_and_the_mean_loss_is_returned(mo
     import classifier as module
 
     losses, shapes, original = [], [], module.classifier_loss
-    monkeypatch.setattr(module, "classifier_loss", lambda c, mo, ma, do, da: shapes.append((mo.shape, ma.shape, do.shape, da.shape)) or losses.append(original(c, mo, ma, do, da)) or losses[-1])
+    monkeypatch.setattr(
+        module,
+        "classifier_loss",
+        lambda c, mo, ma, do, da: (
+            shapes.append((mo.shape, ma.shape, do.shape, da.shape))
+            or losses.append(original(c, mo, ma, do, da))
+            or losses[-1]
+        ),
+    )
     torch.manual_seed(0)
     classifier = RatioClassifier(3, 2, 2, 8, torch.zeros(5), torch.ones(5))
     member = torch.tensor([0, 1] * 50, dtype=torch.int8)
-    result = train_classifier(classifier, torch.optim.Adam(classifier.parameters(), lr=1e-2), torch.randn(100, 3) + 1, torch.randn(100, 2), member,
-                              torch.randn(300, 3), torch.randn(300, 2), steps=6, batch_size=16)
+    result = train_classifier(
+        classifier,
+        torch.optim.Adam(classifier.parameters(), lr=1e-2),
+        torch.randn(100, 3) + 1,
+        torch.randn(100, 2),
+        member,
+        torch.randn(300, 3),
+        torch.randn(300, 2),
+        steps=6,
+        batch_size=16,
+    )
     assert shapes == [((2, 16, 3), (2, 16, 2), (2, 16, 3), (2, 16, 2))] * 6
     torch.testing.assert_close(result, torch.stack(losses).detach().mean(0))
     assert not torch.allclose(losses[0], losses[-1])  # it learns, so the mean differs from the last step's
@@ -161,7 +191,17 @@ def test_the_logit_does_not_depend_on_the_units_of_s_and_a():
         m, d = model * scale + shift, data * scale + shift
         torch.manual_seed(1)
         classifier = RatioClassifier(2, 1, 1, 16, d.mean(0), d.std(0))
-        train_classifier(classifier, torch.optim.Adam(classifier.parameters(), lr=1e-2), m[:, :2], m[:, 2:], torch.zeros(2000, dtype=torch.int8), d[:, :2], d[:, 2:], 50, 64)
+        train_classifier(
+            classifier,
+            torch.optim.Adam(classifier.parameters(), lr=1e-2),
+            m[:, :2],
+            m[:, 2:],
+            torch.zeros(2000, dtype=torch.int8),
+            d[:, :2],
+            d[:, 2:],
+            50,
+            64,
+        )
         with torch.no_grad():
             logits.append(classifier.logit(m[:200, :2], m[:200, 2:])[0])
     assert logits[0].std() > 0.1
@@ -176,32 +216,71 @@ def test_drop_trains_with_the_classifier_and_logs_the_ratios_health(hopper_file,
     monkeypatch.setattr(penalties, "train_classifier", lambda *a: calls.append(a) or train(*a))
     buffer_sizes, rollout = [], drop.rollout  # the model buffer's size after each rollout (its last argument)
     monkeypatch.setattr(drop, "rollout", lambda *a: (rollout(*a), buffer_sizes.append(a[-1].size))[0])
-    flags = ["--ratio", "classifier", "--classifier.hidden", "16", "--classifier.lr", "3e-3", "--classifier.batch-size", "32"]
-    drop.main(tyro.cli(drop.Args, args=["--env", "hopper-medium-v2", "--dataset", hopper_file, *TINY, *flags, "--rollout-batch-size", "600", "--run-name", "classifier"]))
+    flags = [
+        "--ratio",
+        "classifier",
+        "--classifier.hidden",
+        "16",
+        "--classifier.lr",
+        "3e-3",
+        "--classifier.batch-size",
+        "32",
+    ]
+    drop.main(
+        tyro.cli(
+            drop.Args,
+            args=[
+                "--env",
+                "hopper-medium-v2",
+                "--dataset",
+                hopper_file,
+                *TINY,
+                *flags,
+                "--rollout-batch-size",
+                "600",
+                "--run-name",
+                "classifier",
+            ],
+        )
+    )
     # Epoch 2 trains the heads (epoch 1 has no rollouts yet): positives are the model buffer, negatives the data,
     # for the table's dice_steps, with the classifier's own width, learning rate, batch and the ensemble's input statistics.
     data = datasets.load_dataset("hopper-medium-v2", hopper_file)
     [(classifier, optimizer, model_obs, model_act, model_member, data_obs, data_act, steps, batch_size)] = calls
-    assert torch.equal(data_obs, torch.as_tensor(data.observations)) and torch.equal(data_act, torch.as_tensor(data.actions))
-    assert len(model_obs) == buffer_sizes[1] > 1000  # every row of epoch 1's two rollouts of 600 starts, not a sample of them
+    assert torch.equal(data_obs, torch.as_tensor(data.observations)) and torch.equal(
+        data_act, torch.as_tensor(data.actions)
+    )
+    assert (
+        len(model_obs) == buffer_sizes[1] > 1000
+    )  # every row of epoch 1's two rollouts of 600 starts, not a sample of them
     assert not (model_act[:, None] == data_act[None]).all(-1).any()  # the policy's actions
     assert set(model_member.tolist()) == {0, 1} and (steps, batch_size) == (5, 32)
     assert optimizer.param_groups[0]["lr"] == 3e-3 and classifier.net.hidden[0].weight.shape[-1] == 16
     checkpoint = torch.load(tmp_path / "runs" / "classifier" / "checkpoint.pt", weights_only=True)
     ensemble = torch.load(checkpoint["dynamics_path"], weights_only=True)["state_dict"]
-    assert torch.equal(classifier.input_mean, ensemble["input_mean"]) and torch.equal(classifier.input_std, ensemble["input_std"])
+    assert torch.equal(classifier.input_mean, ensemble["input_mean"]) and torch.equal(
+        classifier.input_std, ensemble["input_std"]
+    )
     scalars = logged_scalars(str(tmp_path / "runs" / "classifier"))
-    assert scalars["dice/objective"][0] == pytest.approx(math.log(2))  # epoch 1: no rollout yet, ratio 1 everywhere
-    assert scalars["dice/tau_data_mean"][0] == 1.0 and scalars["rollout/penalty_mean"][0] == 0.0
-    assert scalars["dice/objective"][1] != pytest.approx(math.log(2))  # epoch 2 learned from epoch 1's rollouts
-    for tag in ("dice/tau_data_mean", "rollout/tau_mean", "rollout/tau_median", "rollout/tau_below_clip", "rollout/bonus_fraction"):
+    assert scalars["penalty/objective"][0] == pytest.approx(math.log(2))  # epoch 1: no rollout yet, ratio 1 everywhere
+    assert scalars["penalty/tau_data_mean"][0] == 1.0 and scalars["rollout/penalty_mean"][0] == 0.0
+    assert scalars["penalty/objective"][1] != pytest.approx(math.log(2))  # epoch 2 learned from epoch 1's rollouts
+    for tag in (
+        "penalty/tau_data_mean",
+        "rollout/tau_mean",
+        "rollout/tau_median",
+        "rollout/tau_below_clip",
+        "rollout/bonus_fraction",
+    ):
         assert len(scalars[tag]) == 2 and all(map(math.isfinite, scalars[tag])), tag
     # diagnostics.py rebuilds the run's classifier heads (its Fig. 2 then reads the classifier's penalty).
     import diagnostics
 
     run = diagnostics.load_run(str(tmp_path / "runs" / "classifier"))
     saved = torch.load(tmp_path / "runs" / "classifier" / "checkpoint.pt", weights_only=True)["penalty"]["net"]
-    assert isinstance(run.penalty.net, RatioClassifier) and torch.equal(run.penalty.net.net.output.weight, saved["net.output.weight"])
+    assert isinstance(run.penalty.net, RatioClassifier) and torch.equal(
+        run.penalty.net.net.output.weight, saved["net.output.weight"]
+    )
     # Its separation judges the run's own heads beside the fresh classifiers.
     separated = diagnostics.rollout_separation(run, steps=20, held_out=100, rng=np.random.default_rng(0))
     assert list(separated["classifiers"]) == ["the run's heads", "state and action", "state only", "action only"]
@@ -231,7 +310,9 @@ def test_the_ratio_stays_finite_far_off_the_data():
     with torch.no_grad():
         classifier.net.output.bias.fill_(-3.0)
         classifier.net.output.weight.zero_()
-    assert torch.allclose(classifier.ratio(torch.zeros(5, 3), torch.zeros(5, 1)), torch.tensor(math.exp(-3.0)))  # no floor: small ratios pass unchanged
+    assert torch.allclose(
+        classifier.ratio(torch.zeros(5, 3), torch.zeros(5, 1)), torch.tensor(math.exp(-3.0))
+    )  # no floor: small ratios pass unchanged
 
 
 @pytest.mark.parametrize("differ_in", ["state", "action"])
@@ -240,12 +321,28 @@ def test_what_separates_finds_the_part_of_the_input_that_differs(differ_in):
     chance (0.5); and the other way round. The best possible accuracy is Phi(|shift| / 2) = 0.983; measured 0.984-0.985, and 0.50-0.51."""
     torch.manual_seed(0)
     n, shift = 6000, torch.tensor([3.0, -3.0])
-    data_obs, data_act, model_obs, model_act = torch.randn(n, 2), torch.randn(n, 2), torch.randn(n, 2), torch.randn(n, 2)
+    data_obs, data_act, model_obs, model_act = (
+        torch.randn(n, 2),
+        torch.randn(n, 2),
+        torch.randn(n, 2),
+        torch.randn(n, 2),
+    )
     if differ_in == "state":
         model_obs = model_obs + shift
     else:
         model_act = model_act + shift
-    results = what_separates(model_obs, model_act, data_obs, data_act, torch.zeros(4), torch.ones(4), ClassifierConfig(), 1000, 2000, upper_clip=10.0)
+    results = what_separates(
+        model_obs,
+        model_act,
+        data_obs,
+        data_act,
+        torch.zeros(4),
+        torch.ones(4),
+        ClassifierConfig(),
+        1000,
+        2000,
+        upper_clip=10.0,
+    )
     print(f"\n{differ_in}: " + ", ".join(f"{name} {row['accuracy']:.3f}" for name, row in results.items()))
     same = "action only" if differ_in == "state" else "state only"
     assert results["state and action"]["accuracy"] > 0.95 and results[f"{differ_in} only"]["accuracy"] > 0.95
@@ -257,5 +354,6 @@ def test_separation_is_the_balanced_accuracy_and_the_share_at_the_upper_clip():
     data_logit = torch.tensor([-1.0, 1.0])  # 1 of 2 called data
     result = separation(model_logit, data_logit, upper_clip=10.0)
     assert result["accuracy"] == pytest.approx(0.5 * (0.75 + 0.5)) and result["rollout_above_clip"] == 0.25
-    assert result["median_logit_rollout"] == 0.5 and math.isnan(separation(model_logit, data_logit, None)["rollout_above_clip"])
-
+    assert result["median_logit_rollout"] == 0.5 and math.isnan(
+        separation(model_logit, data_logit, None)["rollout_above_clip"]
+    )

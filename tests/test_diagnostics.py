@@ -18,15 +18,15 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
+from test_drop import ROOT, hopper_file, runs  # noqa: F401 (fixtures)
+from test_dynamics import collect
 
 import datasets
 import diagnostics
 from dice import penalty
 from dynamics import ProbabilisticEnsemble
-from tasks import TaskDefaults
 from sac import Actor
-from test_drop import ROOT, hopper_file, runs  # noqa: F401 (fixtures)
-from test_dynamics import collect
+from tasks import TaskDefaults
 
 torch.set_num_threads(1)
 REPLAY_TOL = 1e-9  # rebuilt vs recorded next observation, float64 round-off (measured <= 3e-12)
@@ -52,10 +52,15 @@ def test_rebuilt_state_steps_to_the_envs_own_next_observation(env_id):
     qpos, qvel = diagnostics.rebuild_states(data["obs"][keep], nq)
     rebuilt_next = diagnostics.simulate(env, qpos, qvel, data["act"][keep])
     np.testing.assert_allclose(rebuilt_next, data["next_obs"][keep], rtol=0, atol=REPLAY_TOL)
-    if family == "walker2d":  # random actions drive its joints to the clip (1207 of 1500 steps): there the rebuild is wrong
+    if (
+        family == "walker2d"
+    ):  # random actions drive its joints to the clip (1207 of 1500 steps): there the rebuild is wrong
         assert clipped.sum() > 100
         qpos, qvel = diagnostics.rebuild_states(data["obs"][clipped], nq)
-        wrong = np.abs(diagnostics.simulate(env, qpos, qvel, data["act"][clipped]) - data["next_obs"][clipped]).max(1) > 1e-3
+        wrong = (
+            np.abs(diagnostics.simulate(env, qpos, qvel, data["act"][clipped]) - data["next_obs"][clipped]).max(1)
+            > 1e-3
+        )
         assert wrong.mean() > 0.5
 
 
@@ -99,7 +104,9 @@ class OffsetModel:
         return predicted
 
     def __call__(self, obs, act, members):  # MOPO's input: unit variances
-        return torch.zeros(len(members), len(obs), obs.shape[1] + 1), torch.zeros(len(members), len(obs), obs.shape[1] + 1)
+        return torch.zeros(len(members), len(obs), obs.shape[1] + 1), torch.zeros(
+            len(members), len(obs), obs.shape[1] + 1
+        )
 
     mopo_penalty = ProbabilisticEnsemble.mopo_penalty
 
@@ -109,7 +116,9 @@ def test_model_error_is_the_distance_of_the_drawn_elite_from_mujoco():
     samples and zero elsewhere; every elite is drawn."""
     data = collect("Hopper-v4", 600, seed=3)
     model = OffsetModel(data["obs"], data["next_obs"])
-    run = SimpleNamespace(env=gym.make("Hopper-v4"), data=SimpleNamespace(family="hopper"), dynamics=model, penalty=None)
+    run = SimpleNamespace(
+        env=gym.make("Hopper-v4"), data=SimpleNamespace(family="hopper"), dynamics=model, penalty=None
+    )
     obs = data["obs"].astype(np.float32)
     result = diagnostics.evaluate_set(run, obs, data["act"].astype(np.float32), (data["qpos"], data["qvel"]), "test")
     rows = np.array([model.row[o.tobytes()] for o in result["obs"]])
@@ -149,13 +158,20 @@ def test_drift_replays_recorded_episodes_to_their_end():
     episode terminated (Hopper falls within 40 steps under random actions)."""
     data = collect("Hopper-v4", 300, seed=3)
     first = np.flatnonzero(np.r_[True, data["terminated"][:-1]])[:3]
-    run = SimpleNamespace(env=gym.make("Hopper-v4"), actor=ReplayActor(data["obs"], data["act"]), dynamics=StillModel(), penalty=None)
+    run = SimpleNamespace(
+        env=gym.make("Hopper-v4"), actor=ReplayActor(data["obs"], data["act"]), dynamics=StillModel(), penalty=None
+    )
     drift = diagnostics.real_drift(run, data["qpos"][first], data["qvel"][first], steps=40)
     for row, start in enumerate(first):
         length = np.flatnonzero(data["terminated"][start:])[0] + 1
         episode = slice(start, start + length)
         np.testing.assert_allclose(drift["true_reward"][row, :length], data["rew"][episode], rtol=0, atol=1e-9)
-        np.testing.assert_allclose(drift["error"][row, :length], np.linalg.norm(data["obs"][episode] - data["next_obs"][episode], axis=1), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            drift["error"][row, :length],
+            np.linalg.norm(data["obs"][episode] - data["next_obs"][episode], axis=1),
+            rtol=1e-5,
+            atol=1e-5,
+        )
         np.testing.assert_allclose(drift["model_reward"][row, :length], 2.0)
         np.testing.assert_allclose(drift["mopo_penalty"][row, :length], math.sqrt(12))  # ||std|| of 12 unit outputs
         for values in drift.values():
@@ -164,11 +180,18 @@ def test_drift_replays_recorded_episodes_to_their_end():
 
 def test_drift_summary_averages_over_the_starts_still_running():
     true_reward = np.array([[1.0] * 12, [3.0] * 2 + [np.nan] * 10])
-    summary = diagnostics.drift_summary({"true_reward": true_reward, "model_reward": true_reward + 1, "error": true_reward * 0}, 4.5)
+    summary = diagnostics.drift_summary(
+        {"true_reward": true_reward, "model_reward": true_reward + 1, "error": true_reward * 0}, 4.5
+    )
     assert summary["true_reward_first_10"] == pytest.approx((10 * 1 + 2 * 3) / 12)
     assert summary["true_reward_all"] == pytest.approx((12 + 6) / 14)
     assert summary["by_step"]["true_reward"] == [2.0, 2.0] + [1.0] * 10
-    assert (summary["starts"], summary["steps"], summary["running_at_end"], summary["data_reward_mean"]) == (2, 12, 0.5, 4.5)
+    assert (summary["starts"], summary["steps"], summary["running_at_end"], summary["data_reward_mean"]) == (
+        2,
+        12,
+        0.5,
+        4.5,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,7 +210,9 @@ def test_correlations_on_constructed_cases():
     # By hand: ranks with ties averaged are [1, 2.5, 2.5, 4] vs [1, 2, 3, 4], so rho = 4.5 / sqrt(4.5 * 5).
     tied = diagnostics.correlations(np.array([1.0, 2.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.0, 4.0]))
     assert tied["spearman"] == pytest.approx(math.sqrt(0.9))
-    assert diagnostics.correlations(np.array([1.0, 3.0, 2.0]), np.array([1.0, 2.0, 3.0]))["pearson"] == pytest.approx(0.5)
+    assert diagnostics.correlations(np.array([1.0, 3.0, 2.0]), np.array([1.0, 2.0, 3.0]))["pearson"] == pytest.approx(
+        0.5
+    )
 
 
 def test_penalty_by_tenth_of_the_error_follows_the_error_order_not_the_sample_order():
@@ -198,14 +223,24 @@ def test_penalty_by_tenth_of_the_error_follows_the_error_order_not_the_sample_or
     tenths = diagnostics.by_error_tenth(10.0 * error, error)
     assert tenths == pytest.approx([10.0 * (2 * k + 0.5) for k in range(10)])
     assert diagnostics.by_error_tenth(np.ones(20), error) == pytest.approx([1.0] * 10)  # a constant penalty is flat
-    assert diagnostics.by_error_tenth(np.array([3.0, 1.0, 2.0]), np.array([0.3, 0.1, 0.2])) == [1.0, 2.0, 3.0]  # fewer than 10: one part each
-    assert diagnostics.by_error_tenth(np.array([1.0, 3.0, 2.0]), np.array([0.3, 0.1, 0.2])) == [3.0, 2.0, 1.0]  # ordered by the error, not the penalty
+    assert diagnostics.by_error_tenth(np.array([3.0, 1.0, 2.0]), np.array([0.3, 0.1, 0.2])) == [
+        1.0,
+        2.0,
+        3.0,
+    ]  # fewer than 10: one part each
+    assert diagnostics.by_error_tenth(np.array([1.0, 3.0, 2.0]), np.array([0.3, 0.1, 0.2])) == [
+        3.0,
+        2.0,
+        1.0,
+    ]  # ordered by the error, not the penalty
 
 
 def test_drop_summary_counts_tau_against_the_clip():
     """Correlations on the clipped penalty values (clipped samples tie); fractions of tau
     strictly below s1 and above s2; a log penalty below zero raises the reward."""
-    hp = TaskDefaults(horizon=5, eta=5.0, dice_steps=1, dice_lr=1e-4, dice_lambda=0.1, clip=(0.01, 10.0), transform="log", epochs=1)
+    hp = TaskDefaults(
+        horizon=5, eta=5.0, dice_steps=1, dice_lr=1e-4, dice_lambda=0.1, clip=(0.01, 10.0), transform="log", epochs=1
+    )
     tau = np.array([0.005, 0.001, 0.5, 11.0, 1.0, 20.0, 3.0, 0.01])
     error = np.array([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0])
     values = {"penalty": penalty(torch.as_tensor(tau), "log", hp.clip).numpy(), "tau": tau}
@@ -256,22 +291,44 @@ def assert_figures_and_json(folder, penalties: list[str]) -> dict:
             assert reported["pearson"] == pytest.approx(np.corrcoef(values, error)[0, 1])
             assert reported["spearman"] == pytest.approx(stats.spearmanr(values, error)[0])
             assert reported["mean"] == pytest.approx(values.mean())
-            assert reported["by_error_tenth"][-1] == pytest.approx(values[np.argsort(error)[-(len(error) // 10):]].mean())
-    for name in ("true_reward", "model_reward", "error", *(f"{penalty}_penalty" for penalty in penalties)):
+            assert reported["by_error_tenth"][-1] == pytest.approx(
+                values[np.argsort(error)[-(len(error) // 10) :]].mean()
+            )
+    for name in ("true_reward", "model_reward", "error", *(f"{kind}_penalty" for kind in penalties)):
         assert result["drift"][f"{name}_all"] == pytest.approx(np.nanmean(samples[f"drift/{name}"]))
     separated = result["separation"]
-    assert list(separated["classifiers"]) == ["state and action", "state only", "action only"]  # fresh ones only: neither run has classifier heads
-    assert all(0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["rollout_above_clip"] <= 1.0 for row in separated["classifiers"].values())
-    assert 0 < separated["held_out"] <= min(result["dataset"]["n"] + result["dataset"]["skipped"], separated["rollout_samples"] // 2)
+    assert list(separated["classifiers"]) == [
+        "state and action",
+        "state only",
+        "action only",
+    ]  # fresh ones only: neither run has classifier heads
+    assert all(
+        0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["rollout_above_clip"] <= 1.0
+        for row in separated["classifiers"].values()
+    )
+    assert (
+        0
+        < separated["held_out"]
+        <= min(result["dataset"]["n"] + result["dataset"]["skipped"], separated["rollout_samples"] // 2)
+    )
     return result
 
 
 def test_command_writes_figures_and_json(runs):
-    result = subprocess.run([sys.executable, f"{ROOT}/diagnostics.py", "runs/drop", "--samples", "200", "--separation-steps", "50"], cwd=runs, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, f"{ROOT}/diagnostics.py", "runs/drop", "--samples", "200", "--separation-steps", "50"],
+        cwd=runs,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     out = runs / "runs" / "drop" / "diagnostics"
     stats = assert_figures_and_json(out, ["drop", "mopo"])
-    assert stats["dataset"]["states"] == "stored infos/qpos, infos/qvel" and stats["rollout"]["states"] == "rebuilt from observations"
+    assert (
+        stats["dataset"]["states"] == "stored infos/qpos, infos/qvel"
+        and stats["rollout"]["states"] == "rebuilt from observations"
+    )
     assert stats["dataset"]["n"] + stats["dataset"]["skipped"] == 200
     assert "times:" in result.stdout and "rollout  drop" in result.stdout and "separation, " in result.stdout
     assert not list((runs / "runs" / "drop").glob(".diagnostics-*"))
@@ -303,7 +360,9 @@ def walker_checkpoint(folder, checkpoint, tmp_path):
     """The checkpoint of a walker2d run, dropped into the hopper run's folder."""
     walker = tmp_path / "walker.hdf5"
     datasets.collect("Walker2d-v4", "random", 300, seed=0, out=walker)
-    checkpoint.update(family="walker2d", obs_dim=17, act_dim=6, eval_env_id="Walker2d-v4", actor=Actor(17, 6, 32).state_dict())
+    checkpoint.update(
+        family="walker2d", obs_dim=17, act_dim=6, eval_env_id="Walker2d-v4", actor=Actor(17, 6, 32).state_dict()
+    )
     checkpoint["args"].update(env="walker2d-medium-v2", dataset=str(walker))
 
 
@@ -319,7 +378,9 @@ def test_broken_run_ends_in_one_line_and_writes_nothing(runs, tmp_path, case, wo
     elif case == "dataset gone":
         folder = broken_copy(runs, tmp_path, lambda f, c: c["args"].update(dataset=str(tmp_path / "gone.hdf5")))
     elif case == "dynamics gone":
-        folder = broken_copy(runs, tmp_path, lambda f, c: c.update(dynamics_path=str(f / "dynamics.pt")))  # a file that is not there
+        folder = broken_copy(
+            runs, tmp_path, lambda f, c: c.update(dynamics_path=str(f / "dynamics.pt"))
+        )  # a file that is not there
     else:
         folder = broken_copy(runs, tmp_path, lambda f, c: walker_checkpoint(f, c, tmp_path))
     with pytest.raises(SystemExit) as exit_info:

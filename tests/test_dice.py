@@ -14,7 +14,17 @@ import numpy as np
 import pytest
 import torch
 
-from dice import DiceConfig, GradientDICE, build_dice, dice_optimizer, penalty, preset_lambda, ratio_statistics, resolve, train_dice
+from dice import (
+    DiceConfig,
+    GradientDICE,
+    build_dice,
+    dice_optimizer,
+    penalty,
+    preset_lambda,
+    ratio_statistics,
+    resolve,
+    train_dice,
+)
 
 torch.set_num_threads(1)
 
@@ -89,7 +99,9 @@ def correlation(tau: np.ndarray, true_tau: np.ndarray) -> float:
     return float(np.corrcoef(tau.ravel(), true_tau.ravel())[0, 1])
 
 
-def fit_dice(mdp: TabularMDP, dice_class: type[GradientDICE] = GradientDICE, seed: int = 0, gamma: float = GAMMA) -> np.ndarray:
+def fit_dice(
+    mdp: TabularMDP, dice_class: type[GradientDICE] = GradientDICE, seed: int = 0, gamma: float = GAMMA
+) -> np.ndarray:
     """Train `dice_class` on samples of `mdp` exactly as drop.py does; return tau of each head, [H, S, A]."""
     rng = np.random.default_rng(seed + 1)
     torch.manual_seed(seed)
@@ -157,11 +169,15 @@ def test_exact_occupancy_is_a_distribution_and_is_d_D_for_the_behaviour_policy(m
 def test_gradientdice_recovers_the_true_ratio(mdp, true_tau):
     """Every head's tau matches rho_pi / d_D, and the constant guess tau = 1 does not."""
     baseline = weighted_error(np.ones_like(true_tau), mdp, true_tau)
-    assert baseline > MAX_WEIGHTED_ERROR, "the target policy is too close to the behaviour for this test to mean anything"
+    assert baseline > MAX_WEIGHTED_ERROR, (
+        "the target policy is too close to the behaviour for this test to mean anything"
+    )
     estimates = fit_dice(mdp)
     for head, tau in enumerate(estimates):
         error, corr = weighted_error(tau, mdp, true_tau), correlation(tau, true_tau)
-        print(f"\nhead {head}: weighted error {error:.3f} (tolerance {MAX_WEIGHTED_ERROR}, tau=1 baseline {baseline:.3f}), correlation {corr:.4f}")
+        print(
+            f"\nhead {head}: weighted error {error:.3f} (tolerance {MAX_WEIGHTED_ERROR}, tau=1 baseline {baseline:.3f}), correlation {corr:.4f}"
+        )
         assert error < MAX_WEIGHTED_ERROR
         assert corr > MIN_CORRELATION
 
@@ -200,7 +216,7 @@ def test_objective_is_gradientdices_lagrangian_at_known_tau_f_and_nu():
     gamma, lam, c, d, nu = 0.9, 0.3, torch.tensor([0.5, -0.3]), torch.tensor([2.0, -1.0]), torch.tensor([0.7, -0.2])
     dice = GradientDICE(1, 1, 2, 4, torch.zeros(2), torch.ones(2))
     dice._tau = lambda x, heads=None: 1 + c[:, None] * x[..., 0]  # tau_h(s, a) = 1 + c_h s
-    dice.f.forward = lambda x: (x[..., :1] ** 2 + d[:, None, None] * x[..., 1:])  # f_h(s, a) = s^2 + d_h a
+    dice.f.forward = lambda x: x[..., :1] ** 2 + d[:, None, None] * x[..., 1:]  # f_h(s, a) = s^2 + d_h a
     dice.nu.data = nu[:, None].clone()
     g = torch.Generator().manual_seed(0)
     obs, act, init_obs, init_act = (torch.randn(50, 1, generator=g) for _ in range(4))
@@ -262,17 +278,50 @@ def test_penalty_below_the_clip(below_clip, expected):
 def test_presets_fill_only_unset_fields():
     """The authors' preset is the published method; a field given by hand beats the preset."""
     authors = resolve(DiceConfig())
-    assert (authors.optimizer, authors.nu_lr, authors.f_lr, preset_lambda(authors), authors.output, authors.normalize_inputs, authors.below_clip) == (
-        "adam", None, None, None, "linear", False, "clip")
+    assert (
+        authors.optimizer,
+        authors.nu_lr,
+        authors.f_lr,
+        preset_lambda(authors),
+        authors.output,
+        authors.normalize_inputs,
+        authors.below_clip,
+    ) == ("adam", None, None, None, "linear", False, "clip")
     checked = resolve(DiceConfig(preset="checked", output="exp"))
-    assert (checked.optimizer, checked.nu_lr, checked.f_lr, preset_lambda(checked), checked.output, checked.normalize_inputs, checked.below_clip) == (
-        "adam", 1e-2, None, 1.0, "exp", True, "max")  # docs/defaults.md's checked preset, with the field given by hand
+    assert (
+        checked.optimizer,
+        checked.nu_lr,
+        checked.f_lr,
+        preset_lambda(checked),
+        checked.output,
+        checked.normalize_inputs,
+        checked.below_clip,
+    ) == (
+        "adam",
+        1e-2,
+        None,
+        1.0,
+        "exp",
+        True,
+        "max",
+    )  # docs/defaults.md's checked preset, with the field given by hand
 
 
 def test_dice_defaults_to_the_documented_settings():
     """docs/defaults.md: heads 64-64, gamma 0.99, batch 256, 100 pretraining steps, the authors' preset. Catches a changed default of any of them."""
-    assert DiceConfig() == DiceConfig(hidden=64, gamma=0.99, batch_size=256, pretrain_steps=100, preset="authors", optimizer=None, nu_lr=None, f_lr=None,
-                                      output=None, normalize_inputs=None, below_clip=None)
+    assert DiceConfig() == DiceConfig(
+        hidden=64,
+        gamma=0.99,
+        batch_size=256,
+        pretrain_steps=100,
+        preset="authors",
+        optimizer=None,
+        nu_lr=None,
+        f_lr=None,
+        output=None,
+        normalize_inputs=None,
+        below_clip=None,
+    )
 
 
 @pytest.mark.parametrize("output", ["linear", "softplus", "exp"])
@@ -309,7 +358,9 @@ def test_standardised_inputs_make_tau_independent_of_units():
     torch.manual_seed(0)
     rescaled = build_dice(config, 3, 2, 2, y.mean(0), y.std(0))
     for dice in (plain, rescaled):
-        torch.nn.init.normal_(dice.tau.output.weight, generator=torch.Generator().manual_seed(1))  # not the constant start
+        torch.nn.init.normal_(
+            dice.tau.output.weight, generator=torch.Generator().manual_seed(1)
+        )  # not the constant start
     torch.testing.assert_close(rescaled.ratio(y[:, :3], y[:, 3:]), plain.ratio(obs, act), rtol=1e-4, atol=1e-5)
 
 
@@ -321,7 +372,9 @@ def test_train_dice_reports_the_mean_objective_over_its_steps():
     obs, act, next_obs = torch.ones(10, 3), torch.ones(10, 2), torch.full((2, 10, 3), 0.5)
     policy = lambda states: torch.full((len(states), 2), -0.5)
     config = DiceConfig(batch_size=4)
-    reported = train_dice(dice, torch.optim.SGD(dice.parameters(), lr=0.0), obs, act, next_obs, obs, policy, 3, config, 0.5)
+    reported = train_dice(
+        dice, torch.optim.SGD(dice.parameters(), lr=0.0), obs, act, next_obs, obs, policy, 3, config, 0.5
+    )
     a = torch.full((4, 2), -0.5)
     expected = dice.objective(obs[:4], act[:4], next_obs[:, :4], a.expand(2, 4, 2), obs[:4], a, config.gamma, 0.5)
     torch.testing.assert_close(reported, expected.detach())
@@ -337,7 +390,11 @@ def test_optimizer_gives_f_and_nu_their_own_learning_rates():
         assert type(optimizer) is kind
         assert [group["lr"] for group in optimizer.param_groups] == lrs
         tau_params, f_params, nu_params = (group["params"] for group in optimizer.param_groups)
-        assert tau_params == list(dice.tau.parameters()) and f_params == list(dice.f.parameters()) and nu_params == [dice.nu]
+        assert (
+            tau_params == list(dice.tau.parameters())
+            and f_params == list(dice.f.parameters())
+            and nu_params == [dice.nu]
+        )
 
 
 def test_ratio_statistics_pool_heads_and_split_segments():

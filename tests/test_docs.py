@@ -121,7 +121,9 @@ def flags_in(args: str) -> set[str]:
 USES: dict[tuple[str, str | None], list[tuple[str, str, set[str]]]] = {}
 for _page, _script, _args in COMMANDS:
     for _key in help_keys(_script, _args):
-        USES.setdefault(_key, []).append((_page.relative_to(ROOT).as_posix(), f"python {_script}{_args}".strip(), flags_in(_args)))
+        USES.setdefault(_key, []).append(
+            (_page.relative_to(ROOT).as_posix(), f"python {_script}{_args}".strip(), flags_in(_args))
+        )
 HELP_KEYS = sorted(set(USES) | {(FORWARDS_TO[s], None) for s, _ in USES if s in FORWARDS_TO}, key=str)
 
 
@@ -159,8 +161,13 @@ def test_relative_links_point_to_files(page):
 
 
 def test_commands_name_scripts_in_the_repo_root():
-    missing = sorted({f"{page.relative_to(ROOT)}: python {script}" for page, script, _ in COMMANDS
-                      if "/" in script or not (ROOT / script).is_file()})
+    missing = sorted(
+        {
+            f"{page.relative_to(ROOT)}: python {script}"
+            for page, script, _ in COMMANDS
+            if "/" in script or not (ROOT / script).is_file()
+        }
+    )
     assert not missing, missing
 
 
@@ -170,7 +177,9 @@ def test_help_runs_and_knows_every_flag(key, helps):
     if key not in helps:
         pytest.fail(f"{script} does not exist")
     result = helps[key]
-    assert result.returncode == 0, f"python {script} {sub or ''} --help exited {result.returncode}:\n{result.stderr[-2000:]}"
+    assert result.returncode == 0, (
+        f"python {script} {sub or ''} --help exited {result.returncode}:\n{result.stderr[-2000:]}"
+    )
     known = result.stdout
     if script in FORWARDS_TO:
         forwarded = helps[(FORWARDS_TO[script], None)]
@@ -204,8 +213,24 @@ def test_the_per_dataset_tables_are_the_ones_docs_defaults_md_documents():
     text = (ROOT / "docs" / "defaults.md").read_text()
     transforms = {"log": "log", "tanh(tau-1)": "tanh-shift", "tanh(tau)-tanh(1)": "tanh-offset"}
     clip = lambda cell: None if cell == "none" else tuple(float(x) for x in cell.strip("[]").split(","))
-    documented = {row[0]: (int(row[1]), float(row[2]), int(row[3]), float(row[4]), float(row[5]), clip(row[6]), transforms[row[7]], int(row[8]))
-                  for row in markdown_table(text, "| dataset | h | eta |")}
-    in_code = {task: (d.horizon, d.eta, d.dice_steps, d.dice_lr, d.dice_lambda, d.clip, d.transform, d.epochs) for task, d in TASK_DEFAULTS.items()}
+    documented = {
+        row[0]: (
+            int(row[1]),
+            float(row[2]),
+            int(row[3]),
+            float(row[4]),
+            float(row[5]),
+            clip(row[6]),
+            transforms[row[7]],
+            int(row[8]),
+        )
+        for row in markdown_table(text, "| dataset | h | eta |")
+    }
+    in_code = {
+        task: (d.horizon, d.eta, d.dice_steps, d.dice_lr, d.dice_lambda, d.clip, d.transform, d.epochs)
+        for task, d in TASK_DEFAULTS.items()
+    }
     assert documented == in_code
-    assert {row[0]: (int(row[1]), float(row[2])) for row in markdown_table(text, "| dataset | h | lambda |")} == MOPO_DEFAULTS
+    assert {
+        row[0]: (int(row[1]), float(row[2])) for row in markdown_table(text, "| dataset | h | lambda |")
+    } == MOPO_DEFAULTS

@@ -83,7 +83,7 @@ def test_each_penalty_trains_and_logs_finite_values(runs, penalty):
     for tag in ("rollout/reward_mean", "rollout/length_mean"):
         assert len(scalars[tag]) == 2, tag  # the mean of the epoch's two rollouts
     if penalty == "drop":
-        assert len(scalars["dice/objective"]) == 2 and "rollout/tau_mean" in scalars
+        assert len(scalars["penalty/objective"]) == 2 and "rollout/tau_mean" in scalars
     for tag, values in scalars.items():
         assert all(math.isfinite(v) for v in values), (tag, values)
 
@@ -98,16 +98,23 @@ def test_progress_csv_has_one_row_per_evaluation_matching_the_logs(runs, penalty
     assert list(rows[0]) == PROGRESS_COLUMNS and [int(row["epoch"]) for row in rows] == [0, 1]
     scalars = logged_scalars(str(runs / "runs" / penalty))
     assert [float(row["normalized_score"]) for row in rows] == pytest.approx(scalars["eval/normalized_score"])
-    assert float(rows[-1]["normalized_score"]) == torch.load(runs / "runs" / penalty / "checkpoint.pt", weights_only=True)["normalized_score"]
+    assert (
+        float(rows[-1]["normalized_score"])
+        == torch.load(runs / "runs" / penalty / "checkpoint.pt", weights_only=True)["normalized_score"]
+    )
     assert float(rows[-1]["penalty_mean"]) == pytest.approx(scalars["rollout/penalty_mean"][-1])
     assert all(0 <= v <= 1 for v in scalars["rollout/bonus_fraction"])
     if penalty == "drop":
         assert float(rows[-1]["rollout_tau_mean"]) == pytest.approx(scalars["rollout/tau_mean"][-1])
         assert float(rows[-1]["rollout_tau_median"]) == pytest.approx(scalars["rollout/tau_median"][-1])
-        assert len(scalars["dice/tau_data_mean"]) == 2
+        assert len(scalars["penalty/tau_data_mean"]) == 2
         assert all(0 <= v <= 1 for tag in ("rollout/tau_below_clip", "rollout/tau_above_clip") for v in scalars[tag])
     else:
-        assert math.isnan(float(rows[-1]["rollout_tau_mean"])) and math.isnan(float(rows[-1]["rollout_tau_median"])) and "dice/tau_data_mean" not in scalars
+        assert (
+            math.isnan(float(rows[-1]["rollout_tau_mean"]))
+            and math.isnan(float(rows[-1]["rollout_tau_median"]))
+            and "penalty/tau_data_mean" not in scalars
+        )
     if penalty == "none":
         assert scalars["rollout/bonus_fraction"] == [0.0] * 2  # one value per epoch (the mean of its rollouts)
 
@@ -116,7 +123,15 @@ def test_progress_of_a_run_saved_before_a_column_existed_reads_nan_there(tmp_pat
     """A resumed run rewrites progress.csv from its saved evaluations, which may lack the newer columns (rollout_tau_median)."""
     import sweep
 
-    old = {"epoch": 9, "normalized_score": 40.0, "normalized_score_std": 1.0, "return": 5000.0, "wall_seconds": 9.0, "penalty_mean": 0.5, "rollout_tau_mean": 2.0}
+    old = {
+        "epoch": 9,
+        "normalized_score": 40.0,
+        "normalized_score_std": 1.0,
+        "return": 5000.0,
+        "wall_seconds": 9.0,
+        "penalty_mean": 0.5,
+        "rollout_tau_mean": 2.0,
+    }
     write_progress(str(tmp_path / "progress.csv"), [old, old | {"epoch": 19, "rollout_tau_median": 1.5}])
     rows = sweep.read_progress(str(tmp_path))
     assert math.isnan(rows[0]["rollout_tau_median"]) and rows[1]["rollout_tau_median"] == 1.5 and rows[1]["epoch"] == 19
@@ -138,7 +153,7 @@ def test_checkpoint_loads_weights_only(runs):
 def test_eval_prints_normalized_score(runs):
     result = run_script(os.path.join(ROOT, "eval.py"), "runs/drop", "--episodes", "2", cwd=runs)
     assert result.returncode == 0, result.stderr
-    line = [l for l in result.stdout.splitlines() if l.startswith("normalized score:")]
+    line = [row for row in result.stdout.splitlines() if row.startswith("normalized score:")]
     assert line and "±" in line[0], result.stdout
     mean, std = (float(x) for x in line[0].removeprefix("normalized score:").split("±"))
     assert math.isfinite(mean) and std >= 0
@@ -153,7 +168,17 @@ def test_dynamics_from_another_env_is_refused(runs, tmp_path):
     walker = tmp_path / "walker.hdf5"
     datasets.collect("Walker2d-v4", "random", 300, seed=0, out=walker)
     hopper_dynamics = torch.load(runs / "runs" / "drop" / "checkpoint.pt", weights_only=True)["dynamics_path"]
-    result = run_script(os.path.join(ROOT, "drop.py"), "--env", "walker2d-medium-v2", "--dataset", str(walker), "--dynamics-path", hopper_dynamics, *TINY, cwd=tmp_path)
+    result = run_script(
+        os.path.join(ROOT, "drop.py"),
+        "--env",
+        "walker2d-medium-v2",
+        "--dataset",
+        str(walker),
+        "--dynamics-path",
+        hopper_dynamics,
+        *TINY,
+        cwd=tmp_path,
+    )
     assert_one_line_error(result, "hopper", "walker2d")
 
 
@@ -162,7 +187,17 @@ def test_dynamics_trained_on_other_transitions_are_used_with_a_warning(runs, tmp
     other = tmp_path / "other.hdf5"
     datasets.collect("Hopper-v4", "random", 300, seed=1, out=other)
     hopper_dynamics = torch.load(runs / "runs" / "drop" / "checkpoint.pt", weights_only=True)["dynamics_path"]
-    result = run_script(os.path.join(ROOT, "drop.py"), "--env", "hopper-medium-v2", "--dataset", str(other), "--dynamics-path", hopper_dynamics, *TINY, cwd=tmp_path)
+    result = run_script(
+        os.path.join(ROOT, "drop.py"),
+        "--env",
+        "hopper-medium-v2",
+        "--dataset",
+        str(other),
+        "--dynamics-path",
+        hopper_dynamics,
+        *TINY,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     assert [line for line in result.stderr.splitlines() if "other transitions" in line and hopper_dynamics in line]
 
@@ -175,7 +210,9 @@ def test_unknown_env_lists_valid_names(tmp_path):
 def test_dataset_with_wrong_observation_size_is_refused(tmp_path):
     walker = tmp_path / "walker.hdf5"
     datasets.collect("Walker2d-v4", "random", 100, seed=0, out=walker)
-    result = run_script(os.path.join(ROOT, "drop.py"), "--env", "hopper-medium-v2", "--dataset", str(walker), cwd=tmp_path)
+    result = run_script(
+        os.path.join(ROOT, "drop.py"), "--env", "hopper-medium-v2", "--dataset", str(walker), cwd=tmp_path
+    )
     assert_one_line_error(result, str(walker), "observations")
     assert not os.path.exists(tmp_path / "runs")
 
@@ -183,15 +220,29 @@ def test_dataset_with_wrong_observation_size_is_refused(tmp_path):
 def test_help_explains_every_flag():
     result = run_script(os.path.join(ROOT, "drop.py"), "--help", cwd=ROOT)
     assert result.returncode == 0
-    for flag, words in [("--eta", "penalty coefficient"), ("--dynamics-path", "reuse an ensemble"), ("--sac.polyak", "target-critic")]:
+    for flag, words in [
+        ("--eta", "penalty coefficient"),
+        ("--dynamics-path", "reuse an ensemble"),
+        ("--sac.polyak", "target-critic"),
+    ]:
         assert flag in result.stdout and words in result.stdout, flag
 
 
 def test_table_defaults_and_flag_overrides():
     """Unset flags take the authors' per-dataset config; any flag given wins."""
     hp = drop.settings(tyro.cli(drop.Args, args=[]), "walker2d-random")[0]
-    assert (hp.horizon, hp.eta, hp.dice_steps, hp.dice_lr, hp.clip, hp.epochs) == (1, 1.0, 600, 1e-3, (0.01, 50.0), 3000)
-    hp = drop.settings(tyro.cli(drop.Args, args=["--eta", "0.5", "--horizon", "3", "--transform", "tanh-shift", "--no-clip"]), "walker2d-random")[0]
+    assert (hp.horizon, hp.eta, hp.dice_steps, hp.dice_lr, hp.clip, hp.epochs) == (
+        1,
+        1.0,
+        600,
+        1e-3,
+        (0.01, 50.0),
+        3000,
+    )
+    hp = drop.settings(
+        tyro.cli(drop.Args, args=["--eta", "0.5", "--horizon", "3", "--transform", "tanh-shift", "--no-clip"]),
+        "walker2d-random",
+    )[0]
     assert (hp.eta, hp.horizon, hp.transform, hp.clip) == (0.5, 3, "tanh-shift", None)
 
 
@@ -210,7 +261,9 @@ def test_each_penalty_takes_its_own_table(penalty, horizon, eta, source):
     """MOPO's baseline runs at MOPO's published h and lambda (not DROP's eta), MBPO at MOPO's h; the source is named."""
     hp, from_where = drop.settings(tyro.cli(drop.Args, args=["--penalty", penalty]), "halfcheetah-medium")
     assert (hp.horizon, hp.eta, hp.epochs, from_where) == (horizon, eta, 500, source)
-    hp, from_where = drop.settings(tyro.cli(drop.Args, args=["--penalty", penalty, "--horizon", "3", "--eta", "0.5"]), "hopper-medium")
+    hp, from_where = drop.settings(
+        tyro.cli(drop.Args, args=["--penalty", penalty, "--horizon", "3", "--eta", "0.5"]), "hopper-medium"
+    )
     assert (hp.horizon, hp.eta) == (3, 0.5) and "--horizon, --eta from the command line" in from_where
 
 
@@ -235,9 +288,14 @@ def test_impossible_values_are_refused_in_one_line(argv, words):
 
 def test_impossible_values_are_refused_before_any_data_is_collected(tmp_path):
     """`python drop.py --eta -1` on a fresh machine: one line at once, not after collecting 200k transitions."""
-    for argv, words in [(["--eta", "-1"], "--eta -1.0 (at least 0)"), (["--epochs", "0"], "--epochs 0 (at least 1)"),
-                        (["--penalty", "mopo", "--ratio", "classifier"], "--ratio classifier is DROP's ratio estimator")]:
-        result = run_script(os.path.join(ROOT, "drop.py"), *argv, cwd=tmp_path, env_extra={"DROP_DATA_DIR": str(tmp_path / "data")})
+    for argv, words in [
+        (["--eta", "-1"], "--eta -1.0 (at least 0)"),
+        (["--epochs", "0"], "--epochs 0 (at least 1)"),
+        (["--penalty", "mopo", "--ratio", "classifier"], "--ratio classifier is DROP's ratio estimator"),
+    ]:
+        result = run_script(
+            os.path.join(ROOT, "drop.py"), *argv, cwd=tmp_path, env_extra={"DROP_DATA_DIR": str(tmp_path / "data")}
+        )
         assert_one_line_error(result, words)
         assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
 
@@ -249,7 +307,11 @@ def test_the_old_dice_lambda_flag_names_the_new_one(tmp_path):
 
 def test_one_flag_sets_dices_lambda_over_the_preset_over_the_table():
     lam = lambda *argv: drop.settings(tyro.cli(drop.Args, args=list(argv)), "hopper-medium")[0].dice_lambda
-    assert (lam(), lam("--dice.preset", "checked"), lam("--dice.preset", "checked", "--dice-lambda", "0.3")) == (0.1, 1.0, 0.3)
+    assert (lam(), lam("--dice.preset", "checked"), lam("--dice.preset", "checked", "--dice-lambda", "0.3")) == (
+        0.1,
+        1.0,
+        0.3,
+    )
 
 
 def test_a_task_outside_the_tables_is_refused(tmp_path):
@@ -275,4 +337,3 @@ def test_eval_rebuilds_the_actor_with_the_log_std_floor_it_was_trained_with(runs
     checkpoint["args"]["sac"]["log_std_min"] = -5.0
     torch.save(checkpoint, tmp_path / "checkpoint.pt")
     assert load_policy(str(tmp_path / "checkpoint.pt"), None)[0].log_std_min == -5.0
-

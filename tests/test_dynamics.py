@@ -111,7 +111,9 @@ def trained(hopper_data, split) -> tuple[ProbabilisticEnsemble, list[float]]:
 def test_holdout_loss_falls(trained):
     """Training lowers the ensemble's mean holdout MSE by a clear factor."""
     _, history = trained
-    print(f"\nholdout MSE {history[0]:.4f} -> {history[-1]:.4f} over {len(history)} epochs ({history[0] / history[-1]:.1f}x)")
+    print(
+        f"\nholdout MSE {history[0]:.4f} -> {history[-1]:.4f} over {len(history)} epochs ({history[0] / history[-1]:.1f}x)"
+    )
     assert np.isfinite(history).all()
     assert history[-1] < history[0] / LOSS_DROP_FACTOR
 
@@ -142,7 +144,9 @@ def test_one_step_prediction_matches_the_simulator(trained, hopper_data, split):
     model_error = normalised_mse(predicted)
     no_change = normalised_mse(obs)
     mean_change = normalised_mse(obs + (hopper_data["next_obs"][train] - hopper_data["obs"][train]).mean(0))
-    print(f"\none-step normalised MSE: model {model_error:.3f}, bound {MAX_NORMALISED_MSE}, baselines: no change {no_change:.3f}, mean change {mean_change:.3f}")
+    print(
+        f"\none-step normalised MSE: model {model_error:.3f}, bound {MAX_NORMALISED_MSE}, baselines: no change {no_change:.3f}, mean change {mean_change:.3f}"
+    )
     assert min(no_change, mean_change) > MAX_NORMALISED_MSE, "the baselines must fail the bound for it to mean anything"
     assert model_error < MAX_NORMALISED_MSE
 
@@ -153,7 +157,9 @@ def test_one_step_prediction_matches_the_simulator(trained, hopper_data, split):
 # Five times the default learning rate shows it in 2,300 steps here: bounds per member cross on 14 of 36
 # (member, output) pairs, and one output's log-variance then varies by 0.03 over 5,000 inputs; shared
 # bounds cross nowhere and every output's varies by at least 1.29.
-LONG_TRAINING = DynamicsConfig(num_members=3, num_elites=2, hidden=64, max_epochs=40, patience=10**6, batch_size=64, lr=5e-3)
+LONG_TRAINING = DynamicsConfig(
+    num_members=3, num_elites=2, hidden=64, max_epochs=40, patience=10**6, batch_size=64, lr=5e-3
+)
 MIN_LOGVAR_SPREAD = 0.3  # nats between an output's largest and smallest predicted log-variance over the inputs
 MAX_HEADROOM = 1.0  # nats; the initial upper bound, 0.5, stands about 9 above the predictions
 
@@ -174,9 +180,13 @@ def test_uncertainty_still_depends_on_the_input_after_long_training(long_trained
     with torch.no_grad():
         _, logvar = model(d["obs"], d["act"])
     spread = logvar.amax(1) - logvar.amin(1)  # [member, output]
-    headroom = model.max_logvar - logvar.amax((0, 1))  # the upper bounds as trained to the end, held up by the data (measured 0.37 at most)
-    print(f"\ncrossed bounds: {(model.max_logvar < model.min_logvar).sum().item()}; smallest log-variance spread {spread.min().item():.3f}; "
-          f"upper bound above the largest prediction by {headroom.max().item():.2f} at most")
+    headroom = model.max_logvar - logvar.amax(
+        (0, 1)
+    )  # the upper bounds as trained to the end, held up by the data (measured 0.37 at most)
+    print(
+        f"\ncrossed bounds: {(model.max_logvar < model.min_logvar).sum().item()}; smallest log-variance spread {spread.min().item():.3f}; "
+        f"upper bound above the largest prediction by {headroom.max().item():.2f} at most"
+    )
     assert (model.max_logvar > model.min_logvar).all()
     assert spread.min() > MIN_LOGVAR_SPREAD
     assert headroom.max() < MAX_HEADROOM
@@ -218,7 +228,10 @@ def test_termination_equals_the_env(env_id, family):
 BOUNDARY_OFFSET = 1e-4  # just inside / outside a threshold, far above float32 resolution (~1e-7)
 
 
-@pytest.mark.parametrize("env_id, family, z_bounds, angle_bound", [("Hopper-v4", "hopper", [0.7], 0.2), ("Walker2d-v4", "walker2d", [0.8, 2.0], 1.0)])
+@pytest.mark.parametrize(
+    "env_id, family, z_bounds, angle_bound",
+    [("Hopper-v4", "hopper", [0.7], 0.2), ("Walker2d-v4", "walker2d", [0.8, 2.0], 1.0)],
+)
 def test_termination_equals_the_env_at_its_thresholds(env_id, family, z_bounds, angle_bound):
     """Random actions topple the robots by angle, never by height; so we also place the torso
     on, just inside and just outside every height and angle threshold (and a few other
@@ -255,7 +268,12 @@ def test_halfcheetah_never_terminates():
 def mopo_hopper_terminated(next_obs: np.ndarray) -> np.ndarray:
     """The hopper termination function copied across MOPO-derived code, parenthesis and all."""
     height, angle = next_obs[:, 0], next_obs[:, 1]
-    not_done = np.isfinite(next_obs).all(axis=-1) * np.abs(next_obs[:, 1:] < 100).all(axis=-1) * (height > 0.7) * (np.abs(angle) < 0.2)
+    not_done = (
+        np.isfinite(next_obs).all(axis=-1)
+        * np.abs(next_obs[:, 1:] < 100).all(axis=-1)
+        * (height > 0.7)
+        * (np.abs(angle) < 0.2)
+    )
     return ~not_done
 
 
@@ -286,7 +304,9 @@ def test_hopper_bound_is_two_sided_unlike_mopo(joint_angle):
 
 def small_ensemble(seed: int = 0) -> ProbabilisticEnsemble:
     torch.manual_seed(seed)
-    return ProbabilisticEnsemble(3, 2, DynamicsConfig(num_members=4, num_elites=2, hidden=8, max_epochs=2, batch_size=32))
+    return ProbabilisticEnsemble(
+        3, 2, DynamicsConfig(num_members=4, num_elites=2, hidden=8, max_epochs=2, batch_size=32)
+    )
 
 
 def test_loss_is_the_gaussian_nll_plus_the_logvar_bounds_and_weight_decay():
@@ -312,7 +332,9 @@ def test_logvar_is_softly_bounded_between_min_and_max():
     model.net.forward = lambda x, members=None: torch.cat([torch.zeros(4, 4, 4), raw.expand(4, 4, 4)], -1)
     _, logvar = model(torch.zeros(4, 4, 3), torch.zeros(4, 4, 2))
     low, high = model.min_logvar[0, 0, 0].item(), model.max_logvar[0, 0, 0].item()
-    assert ((logvar >= low - 1e-4) & (logvar <= high + 1e-4)).all()  # the second softplus overshoots max by e^-(max - min)
+    assert (
+        (logvar >= low - 1e-4) & (logvar <= high + 1e-4)
+    ).all()  # the second softplus overshoots max by e^-(max - min)
     torch.testing.assert_close(logvar[0, 0], torch.tensor([low, -4.0, -1.0, high]), atol=0.3, rtol=0)
 
 
@@ -349,7 +371,9 @@ def test_holdout_transitions_are_never_trained_on(spied_training):
     model, (obs, act, _, _), seen, holdout = spied_training
     assert len(holdout) == 60 and not np.isin(seen.numpy(), holdout.numpy()).any()
     train = np.setdiff1d(np.arange(300), holdout.numpy())
-    torch.testing.assert_close(model.input_mean, torch.cat([obs, act], 1)[train].mean(0))  # normalised by the training part only
+    torch.testing.assert_close(
+        model.input_mean, torch.cat([obs, act], 1)[train].mean(0)
+    )  # normalised by the training part only
 
 
 def test_elites_are_the_members_with_the_lowest_holdout_mse(spied_training):
@@ -378,7 +402,11 @@ def test_every_member_ends_with_its_best_holdout_weights():
     Catches: the last epoch's weights kept, or one epoch's weights for every member."""
     data = random_transitions(60, seed=4)
     torch.manual_seed(0)
-    model = ProbabilisticEnsemble(3, 2, DynamicsConfig(num_members=4, num_elites=2, hidden=64, batch_size=32, max_epochs=12, patience=100, lr=3e-2))
+    model = ProbabilisticEnsemble(
+        3,
+        2,
+        DynamicsConfig(num_members=4, num_elites=2, hidden=64, batch_size=32, max_epochs=12, patience=100, lr=3e-2),
+    )
     history = train_ensemble(model, *data, seed=5, progress=False)
     assert history[-1] > 1.5 * min(history)  # it did overfit
     assert holdout_mse_of(model, data, seed=5).mean().item() < 0.95 * min(history)
@@ -426,7 +454,9 @@ def test_a_stopped_training_goes_on_exactly_from_its_saved_state(tmp_path, capsy
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_ctrl_c_or_kill_in_dynamics_py_says_in_one_line_where_the_epochs_are_and_the_same_command_goes_on(tmp_path, monkeypatch, capsys, signum):
+def test_ctrl_c_or_kill_in_dynamics_py_says_in_one_line_where_the_epochs_are_and_the_same_command_goes_on(
+    tmp_path, monkeypatch, capsys, signum
+):
     """A long training is paused with Ctrl-C, or with kill when it runs under `nohup ... &` (which
     ignores SIGINT): it finishes the epoch it is in (drop.py's stop mechanism, checkpoint.StopOnSignal),
     then one line naming the state file, no traceback, exit status 128 + the signal, and the same
@@ -451,12 +481,23 @@ def test_ctrl_c_or_kill_in_dynamics_py_says_in_one_line_where_the_epochs_are_and
     with pytest.raises(SystemExit) as stopped:
         dynamics.main(args)
     assert stopped.value.code == 128 + signum
-    del stopped  # its traceback holds the progress bar: a bar left open would print its last line now, below the message
+    del (
+        stopped
+    )  # its traceback holds the progress bar: a bar left open would print its last line now, below the message
     gc.collect()
     message = capsys.readouterr().err.strip().splitlines()[-1]
-    assert message.startswith(f"stopped ({signal.Signals(signum).name}):") and out + ".training" in message and "the same command" in message
-    assert len(torch.load(out + ".training", weights_only=True)["history"]) == 2  # the epoch the signal came in, finished
-    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == handlers  # the caller's handlers are back
+    assert (
+        message.startswith(f"stopped ({signal.Signals(signum).name}):")
+        and out + ".training" in message
+        and "the same command" in message
+    )
+    assert (
+        len(torch.load(out + ".training", weights_only=True)["history"]) == 2
+    )  # the epoch the signal came in, finished
+    assert (
+        signal.getsignal(signal.SIGINT),
+        signal.getsignal(signal.SIGTERM),
+    ) == handlers  # the caller's handlers are back
     monkeypatch.setattr(ProbabilisticEnsemble, "loss", loss)
     dynamics.main(args)
     assert os.path.isfile(out) and not os.path.exists(out + ".training")
@@ -541,7 +582,12 @@ def test_ensemble_linear_equals_per_member_matmuls():
     expected = torch.stack([x[e] @ layer.weight[e] + layer.bias[e] for e in range(4)])
     torch.testing.assert_close(layer(x), expected, atol=FLOAT_TOL, rtol=FLOAT_TOL)
     members = torch.tensor([3, 1])
-    torch.testing.assert_close(layer(x[:2], members), torch.stack([x[0] @ layer.weight[3] + layer.bias[3], x[1] @ layer.weight[1] + layer.bias[1]]), atol=FLOAT_TOL, rtol=FLOAT_TOL)
+    torch.testing.assert_close(
+        layer(x[:2], members),
+        torch.stack([x[0] @ layer.weight[3] + layer.bias[3], x[1] @ layer.weight[1] + layer.bias[1]]),
+        atol=FLOAT_TOL,
+        rtol=FLOAT_TOL,
+    )
 
 
 def test_ensemble_mlp_equals_per_member_loop():
@@ -556,7 +602,9 @@ def test_ensemble_mlp_equals_per_member_loop():
                 h = torch.nn.functional.silu(h @ layer.weight[e] + layer.bias[e])
             expected = h @ mlp.output.weight[e] + mlp.output.bias[e]
             torch.testing.assert_close(mlp(x)[e], expected, atol=FLOAT_TOL, rtol=FLOAT_TOL)
-            torch.testing.assert_close(mlp(x[e : e + 1], torch.tensor([e]))[0], expected, atol=FLOAT_TOL, rtol=FLOAT_TOL)
+            torch.testing.assert_close(
+                mlp(x[e : e + 1], torch.tensor([e]))[0], expected, atol=FLOAT_TOL, rtol=FLOAT_TOL
+            )
 
 
 def test_elite_mean_next_obs_does_not_depend_on_chunking(trained, hopper_data):

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import torch
 import tyro
+from test_drop import ROOT, hopper_file  # noqa: F401 (fixture)
 
 import datasets
 import dice
 import dynamics
-from test_drop import ROOT, hopper_file  # noqa: F401 (fixture)
 
 torch.set_num_threads(1)
 POLICY = f"{ROOT}/policies/hopper-medium.npz"
@@ -48,14 +48,44 @@ def files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("known_answer")
     medium, _, mixed = medium_random_files(folder, TRANSITIONS)
     for data in (medium, mixed):
-        dynamics.main(tyro.cli(dynamics.Args, args=["--env", "hopper-medium-v2", "--dataset", str(data), "--out", str(data.with_suffix(".pt")), *SMALL_ENSEMBLE]))
+        dynamics.main(
+            tyro.cli(
+                dynamics.Args,
+                args=[
+                    "--env",
+                    "hopper-medium-v2",
+                    "--dataset",
+                    str(data),
+                    "--out",
+                    str(data.with_suffix(".pt")),
+                    *SMALL_ENSEMBLE,
+                ],
+            )
+        )
     return folder
 
 
 def estimate(folder, data: str, *flags: str) -> dict:
     out = folder / f"{data}-{len(flags)}.json"
-    args = ["--env", "hopper-medium-v2", "--dataset", str(folder / f"{data}.hdf5"), "--dynamics-path", str(folder / f"{data}.pt"),
-            "--policy", POLICY, "--steps", str(STEPS), "--eval-every", str(STEPS // 6), "--device", "cpu", "--json", str(out), *flags]
+    args = [
+        "--env",
+        "hopper-medium-v2",
+        "--dataset",
+        str(folder / f"{data}.hdf5"),
+        "--dynamics-path",
+        str(folder / f"{data}.pt"),
+        "--policy",
+        POLICY,
+        "--steps",
+        str(STEPS),
+        "--eval-every",
+        str(STEPS // 6),
+        "--device",
+        "cpu",
+        "--json",
+        str(out),
+        *flags,
+    ]
     dice.main(tyro.cli(dice.Args, args=args))
     return json.loads(out.read_text())
 
@@ -63,7 +93,9 @@ def estimate(folder, data: str, *flags: str) -> dict:
 @pytest.mark.slow
 def test_checked_variant_gives_tau_one_for_the_behaviour_policy(files):
     result = estimate(files, "medium", "--dice.preset", "checked")
-    print(f"\nchecked, behaviour policy: E_D[tau] {result['mean_tau']:.3f}, E_D|tau-1| {result['mean_abs_tau_minus_1']:.3f}, below clip {result['below_clip']:.3f}")
+    print(
+        f"\nchecked, behaviour policy: E_D[tau] {result['mean_tau']:.3f}, E_D|tau-1| {result['mean_abs_tau_minus_1']:.3f}, below clip {result['below_clip']:.3f}"
+    )
     assert abs(result["mean_tau"] - 1) <= MAX_MEAN_ERROR
 
 
@@ -78,7 +110,16 @@ def test_checked_variant_separates_the_medium_half_from_the_random_half(files):
 def test_command_refuses_a_policy_of_another_robot(hopper_file, tmp_path):  # noqa: F811
     wrong = tmp_path / "walker.npz"
     np.savez(wrong, **datasets.TanhGaussianPolicy.random_init(17, 6, np.random.default_rng(0)).params)
-    args = ["--env", "hopper-medium-v2", "--dataset", hopper_file, "--dynamics-path", "unused.pt", "--policy", str(wrong)]
+    args = [
+        "--env",
+        "hopper-medium-v2",
+        "--dataset",
+        hopper_file,
+        "--dynamics-path",
+        "unused.pt",
+        "--policy",
+        str(wrong),
+    ]
     with pytest.raises(SystemExit, match="error: .*obs 17 / act 6"):
         dice.main(tyro.cli(dice.Args, args=args))
 
@@ -86,13 +127,57 @@ def test_command_refuses_a_policy_of_another_robot(hopper_file, tmp_path):  # no
 def test_command_writes_the_statistics_their_course_and_a_plot(hopper_file, tmp_path):  # noqa: F811
     """The interface on a toy ensemble: JSON keys, one course entry per block, segment means, a PNG."""
     ensemble = tmp_path / "tiny.pt"
-    dynamics.main(tyro.cli(dynamics.Args, args=["--env", "hopper-medium-v2", "--dataset", hopper_file, "--out", str(ensemble),
-                                               "--dynamics.hidden", "16", "--dynamics.max-epochs", "1"]))
-    for policy, preset, lam in ((POLICY, "authors", 0.1), ("uniform", "checked", 1.0)):  # hopper-medium's table lam, the preset's
+    dynamics.main(
+        tyro.cli(
+            dynamics.Args,
+            args=[
+                "--env",
+                "hopper-medium-v2",
+                "--dataset",
+                hopper_file,
+                "--out",
+                str(ensemble),
+                "--dynamics.hidden",
+                "16",
+                "--dynamics.max-epochs",
+                "1",
+            ],
+        )
+    )
+    for policy, preset, lam in (
+        (POLICY, "authors", 0.1),
+        ("uniform", "checked", 1.0),
+    ):  # hopper-medium's table lam, the preset's
         out, plot = tmp_path / "out.json", tmp_path / "course.png"
-        dice.main(tyro.cli(dice.Args, args=["--env", "hopper-medium-v2", "--dataset", hopper_file, "--dynamics-path", str(ensemble),
-                                            "--policy", policy, "--steps", "30", "--eval-every", "20", "--segments", "2",
-                                            "--device", "cpu", "--json", str(out), "--plot", str(plot), "--dice.preset", preset]))
+        dice.main(
+            tyro.cli(
+                dice.Args,
+                args=[
+                    "--env",
+                    "hopper-medium-v2",
+                    "--dataset",
+                    hopper_file,
+                    "--dynamics-path",
+                    str(ensemble),
+                    "--policy",
+                    policy,
+                    "--steps",
+                    "30",
+                    "--eval-every",
+                    "20",
+                    "--segments",
+                    "2",
+                    "--device",
+                    "cpu",
+                    "--json",
+                    str(out),
+                    "--plot",
+                    str(plot),
+                    "--dice.preset",
+                    preset,
+                ],
+            )
+        )
         result = json.loads(out.read_text())
         assert (result["lam"], result["lr"], result["dice"]["preset"]) == (lam, 1e-4, preset)
         assert {"mean_tau", "mean_abs_tau_minus_1", "below_clip", "steps", "mean_tau_by_segment"} <= result.keys()

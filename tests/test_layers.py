@@ -7,7 +7,17 @@ import os
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: the scripts under test
-LIBRARY = ["checkpoint.py", "classifier.py", "datasets.py", "dice.py", "dynamics.py", "eval.py", "nets.py", "sac.py", "tasks.py"]
+LIBRARY = [
+    "checkpoint.py",
+    "classifier.py",
+    "datasets.py",
+    "dice.py",
+    "dynamics.py",
+    "eval.py",
+    "nets.py",
+    "sac.py",
+    "tasks.py",
+]
 ABOVE_THE_LIBRARY = {"drop", "bench", "diagnostics", "sweep"}
 
 

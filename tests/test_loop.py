@@ -13,6 +13,7 @@ from dataclasses import asdict, replace
 import pytest
 import torch
 import tyro
+from test_drop import hopper_file  # noqa: F401 (fixture)
 
 import datasets
 import drop
@@ -21,7 +22,6 @@ from dice import DiceConfig, GradientDICE
 from dynamics import DynamicsConfig, ProbabilisticEnsemble
 from health import CriticHealth, return_bound
 from sac import ReplayBuffer
-from test_drop import hopper_file  # noqa: F401 (fixture)
 
 torch.set_num_threads(1)
 OBS_DIM, ACT_DIM = 3, 2
@@ -44,7 +44,13 @@ class StepEnsemble(ProbabilisticEnsemble):
         if obs.dim() == 2:
             obs = obs.expand(len(members), -1, -1)
         shape = (*obs.shape[:2], 1)
-        mean = torch.cat([self.offsets[members][:, None, :].expand(*obs.shape[:2], -1), REWARDS[members][:, None, None].expand(shape)], -1)
+        mean = torch.cat(
+            [
+                self.offsets[members][:, None, :].expand(*obs.shape[:2], -1),
+                REWARDS[members][:, None, None].expand(shape),
+            ],
+            -1,
+        )
         std = self.stds[members][:, None, None] * (1 + obs[..., :1].abs())
         logvar = torch.cat([(2 * std.log()).expand(*obs.shape[:2], OBS_DIM), torch.full(shape, -math.inf)], -1)
         return mean, logvar
@@ -65,23 +71,53 @@ NEVER_TERMINATED = lambda next_obs: torch.zeros(len(next_obs), dtype=torch.bool)
 def run_settings(penalty="drop", horizon=1, eta=1.0, clip=None, transform="log", dice_config=None) -> drop.Args:
     """A run's settings with the given rollout and penalty values (the DICE ones do not matter here)."""
     args = drop.Args(penalty=penalty, dice=dice_config or DiceConfig())
-    return replace(args, horizon=horizon, eta=eta, clip=clip, transform=transform, dice_steps=1, dice_lr=1e-4, dice_lambda=0.1, epochs=1)
+    return replace(
+        args,
+        horizon=horizon,
+        eta=eta,
+        clip=clip,
+        transform=transform,
+        dice_steps=1,
+        dice_lr=1e-4,
+        dice_lambda=0.1,
+        epochs=1,
+    )
 
 
 def penalty_of(args: drop.Args, dynamics, ratio=None) -> penalties.NoPenalty:
     """The run's penalty object; DROP's with `ratio` (anything with .ratio(obs, act) -> [heads, B]) as its heads."""
-    penalty = penalties.build_penalty(args, dynamics, torch.zeros(4, OBS_DIM), torch.zeros(4, ACT_DIM), ReplayBuffer(1, OBS_DIM, ACT_DIM, torch.device("cpu")), None)
+    penalty = penalties.build_penalty(
+        args,
+        dynamics,
+        torch.zeros(4, OBS_DIM),
+        torch.zeros(4, ACT_DIM),
+        ReplayBuffer(1, OBS_DIM, ACT_DIM, torch.device("cpu")),
+        None,
+    )
     if ratio is not None:
         penalty.net = ratio
     return penalty
 
 
-def run_rollout(penalty: str, dynamics, dice=None, horizon=1, eta=2.5, transform="log", clip=(0.01, 10.0), terminated_fn=NEVER_TERMINATED, num_starts=600, dice_config=None):
+def run_rollout(
+    penalty: str,
+    dynamics,
+    dice=None,
+    horizon=1,
+    eta=2.5,
+    transform="log",
+    clip=(0.01, 10.0),
+    terminated_fn=NEVER_TERMINATED,
+    num_starts=600,
+    dice_config=None,
+):
     torch.manual_seed(0)
     buffer = ReplayBuffer(num_starts * horizon, OBS_DIM, ACT_DIM, torch.device("cpu"))
     start_obs = torch.randn(num_starts, OBS_DIM)
     args = run_settings(penalty, horizon, eta, clip, transform, dice_config)
-    summary = drop.rollout(dynamics, ZERO_POLICY, penalty_of(args, dynamics, dice), start_obs, args, terminated_fn, buffer)
+    summary = drop.rollout(
+        dynamics, ZERO_POLICY, penalty_of(args, dynamics, dice), start_obs, args, terminated_fn, buffer
+    )
     rows = {name: getattr(buffer, name)[: buffer.size] for name in ("obs", "act", "rew", "next_obs", "done", "member")}
     return rows, summary, start_obs
 
@@ -99,7 +135,9 @@ def member_of(rows) -> torch.Tensor:
         ("tanh-offset", (0.01, 10.0), lambda tau: torch.tanh(tau.clamp(0.01, 10.0)) - math.tanh(1.0)),
     ],
 )
-def test_drop_stores_reward_minus_eta_times_the_penalty_of_the_producing_members_head(transform, clip, expected_penalty):
+def test_drop_stores_reward_minus_eta_times_the_penalty_of_the_producing_members_head(
+    transform, clip, expected_penalty
+):
     """Stored r = r_m - eta * u(tau_g) with g the elite that stepped the sample.
 
     Catches: + instead of -, eta dropped or squared, the clip dropped or moved after the
@@ -134,7 +172,9 @@ def test_drop_reads_tau_at_the_state_the_action_was_taken_in():
     assert torch.allclose(rows["rew"], REWARDS[member_of(rows)] - 2.5 * tau.log(), atol=1e-5)
 
 
-@pytest.mark.parametrize("below_clip, penalty_below", [("clip", math.log(0.01)), ("zero", 0.0), ("max", math.log(10.0))])
+@pytest.mark.parametrize(
+    "below_clip, penalty_below", [("clip", math.log(0.01)), ("zero", 0.0), ("max", math.log(10.0))]
+)
 def test_untrusted_tau_gets_the_chosen_penalty_and_the_health_is_counted_per_sample(below_clip, penalty_below):
     """Head 0's tau (0.001) is below the clip: its samples get log(s1), 0 or log(s2); the others keep log(clip(tau)).
     The rollout's health: the share of samples at or below s1 (elite 0's), at or above s2 (elite 2's),
@@ -142,7 +182,9 @@ def test_untrusted_tau_gets_the_chosen_penalty_and_the_health_is_counted_per_sam
 
     Catches: ignoring --dice.below-clip, applying it to the samples inside the clip, counting tau
     below the clip by head instead of by sample, and a bonus fraction of the wrong sign."""
-    rows, summary, _ = run_rollout("drop", StepEnsemble(stds=[0.0] * 4), fixed_tau_dice(TAU), dice_config=DiceConfig(below_clip=below_clip))
+    rows, summary, _ = run_rollout(
+        "drop", StepEnsemble(stds=[0.0] * 4), fixed_tau_dice(TAU), dice_config=DiceConfig(below_clip=below_clip)
+    )
     elite = torch.tensor([ELITES.index(m) for m in member_of(rows).tolist()])
     penalty = torch.tensor([penalty_below, math.log(0.5), math.log(10.0)])[elite]
     assert torch.allclose(rows["rew"], REWARDS[member_of(rows)] - 2.5 * penalty, atol=1e-6)
@@ -157,7 +199,9 @@ def test_untrusted_tau_gets_the_chosen_penalty_and_the_health_is_counted_per_sam
 @pytest.mark.parametrize("penalty", ["drop", "mopo", "none"])
 def test_the_model_buffer_records_the_elite_that_produced_each_sample(penalty):
     """The classifier ratio trains head g on elite g's samples. Catches: no member stored, or the member id instead of the elite's position."""
-    rows, _, _ = run_rollout(penalty, StepEnsemble(stds=[0.0] * 4), fixed_tau_dice(TAU) if penalty == "drop" else None, horizon=2)
+    rows, _, _ = run_rollout(
+        penalty, StepEnsemble(stds=[0.0] * 4), fixed_tau_dice(TAU) if penalty == "drop" else None, horizon=2
+    )
     elite = torch.tensor([ELITES.index(m) for m in member_of(rows).tolist()])
     assert torch.equal(rows["member"].long(), elite)
 
@@ -217,13 +261,21 @@ def test_a_non_finite_model_state_shows_in_the_summary():
     """drop.py stops on a non-finite rollout summary; a NaN state must reach it even when its sample terminates."""
     offsets = OFFSETS.clone()
     offsets[ELITES[0], 2] = math.nan
-    _, summary, _ = run_rollout("none", StepEnsemble([0.0] * 4, offsets), terminated_fn=lambda s: ~torch.isfinite(s).all(-1))
+    _, summary, _ = run_rollout(
+        "none", StepEnsemble([0.0] * 4, offsets), terminated_fn=lambda s: ~torch.isfinite(s).all(-1)
+    )
     assert math.isnan(summary["state_abs_max"])
 
 
 def marked_buffer(rows: int, reward: float) -> ReplayBuffer:
     buffer = ReplayBuffer(rows, OBS_DIM, ACT_DIM, torch.device("cpu"))
-    buffer.add(torch.randn(rows, OBS_DIM), torch.randn(rows, ACT_DIM), torch.full((rows,), reward), torch.randn(rows, OBS_DIM), torch.zeros(rows))
+    buffer.add(
+        torch.randn(rows, OBS_DIM),
+        torch.randn(rows, ACT_DIM),
+        torch.full((rows,), reward),
+        torch.randn(rows, OBS_DIM),
+        torch.zeros(rows),
+    )
     return buffer
 
 
@@ -239,9 +291,14 @@ def test_each_sac_batch_has_exactly_int_batch_times_ratio_real_rows(batch_size, 
 def test_real_data_is_done_only_at_terminals_not_timeouts():
     """Catches: timeouts (time-limit truncations) stored as done, which would stop bootstrapping there."""
     data = types.SimpleNamespace(
-        observations=torch.randn(4, OBS_DIM).numpy(), actions=torch.randn(4, ACT_DIM).numpy(), rewards=torch.arange(4.0).numpy(),
-        next_observations=torch.randn(4, OBS_DIM).numpy(), terminals=torch.tensor([0, 1, 0, 0]).bool().numpy(),
-        timeouts=torch.tensor([0, 0, 1, 0]).bool().numpy(), obs_dim=OBS_DIM, act_dim=ACT_DIM,
+        observations=torch.randn(4, OBS_DIM).numpy(),
+        actions=torch.randn(4, ACT_DIM).numpy(),
+        rewards=torch.arange(4.0).numpy(),
+        next_observations=torch.randn(4, OBS_DIM).numpy(),
+        terminals=torch.tensor([0, 1, 0, 0]).bool().numpy(),
+        timeouts=torch.tensor([0, 0, 1, 0]).bool().numpy(),
+        obs_dim=OBS_DIM,
+        act_dim=ACT_DIM,
     )
     buffer = drop.real_buffer(data, torch.device("cpu"))
     assert buffer.done.tolist() == [0.0, 1.0, 0.0, 0.0]
@@ -253,10 +310,28 @@ def test_the_loop_and_the_ensemble_default_to_the_mopo_code_the_authors_build_on
     5 epochs, 5% real data per batch; MBPO's ensemble (7 members of 4 x 200, 5 elites, its weight decays,
     holdout and patience). Catches a changed default of any of them."""
     args = drop.Args()
-    assert (args.steps_per_epoch, args.rollout_freq, args.rollout_batch_size, args.model_retain_epochs, args.real_ratio) == (1000, 1000, 50_000, 5, 0.05)
+    assert (
+        args.steps_per_epoch,
+        args.rollout_freq,
+        args.rollout_batch_size,
+        args.model_retain_epochs,
+        args.real_ratio,
+    ) == (1000, 1000, 50_000, 5, 0.05)
     assert (args.penalty, args.ratio, args.halt_margin, args.eval_episodes) == ("drop", "dice", 0.1, 10)
-    assert DynamicsConfig() == DynamicsConfig(num_members=7, num_elites=5, hidden=200, lr=1e-3, batch_size=256, weight_decays=(2.5e-5, 5e-5, 7.5e-5, 7.5e-5, 1e-4),
-                                              logvar_bound_coef=0.01, logvar_bounds="shared", holdout_ratio=0.2, holdout_max=1000, patience=5, max_epochs=None)
+    assert DynamicsConfig() == DynamicsConfig(
+        num_members=7,
+        num_elites=5,
+        hidden=200,
+        lr=1e-3,
+        batch_size=256,
+        weight_decays=(2.5e-5, 5e-5, 7.5e-5, 7.5e-5, 1e-4),
+        logvar_bound_coef=0.01,
+        logvar_bounds="shared",
+        holdout_ratio=0.2,
+        holdout_max=1000,
+        patience=5,
+        max_epochs=None,
+    )
 
 
 def test_model_buffer_keeps_retain_epochs_of_rollouts():
@@ -360,9 +435,13 @@ def test_largest_penalty_is_the_transform_at_the_clip_ends(penalty, transform, c
 
 def test_largest_mopo_penalty_is_the_std_ceiling_of_the_learned_bounds():
     """MOPO's penalty is a norm of stds that each stay below exp(max_logvar / 2): the largest such norm over the rows."""
-    dynamics = ProbabilisticEnsemble(OBS_DIM, ACT_DIM, DynamicsConfig(num_members=3, num_elites=2, hidden=8, logvar_bounds="per-member"))
+    dynamics = ProbabilisticEnsemble(
+        OBS_DIM, ACT_DIM, DynamicsConfig(num_members=3, num_elites=2, hidden=8, logvar_bounds="per-member")
+    )
     with torch.no_grad():
-        dynamics.max_logvar.copy_(torch.tensor([0.0, 2 * math.log(3.0), -1.0]).view(3, 1, 1).expand_as(dynamics.max_logvar))
+        dynamics.max_logvar.copy_(
+            torch.tensor([0.0, 2 * math.log(3.0), -1.0]).view(3, 1, 1).expand_as(dynamics.max_logvar)
+        )
     assert penalty_of(run_settings("mopo"), dynamics).largest() == pytest.approx(3.0 * math.sqrt(OBS_DIM + 1))
 
 
@@ -372,16 +451,23 @@ def test_critic_health_warns_once_after_three_epochs_beyond_the_bound():
     sac = lambda q, loss=1.0, alpha=0.1: {"q_mean": q, "critic_loss": loss, "alpha": alpha}
     bound = 100.0
     assert health.update(0, sac(299.0), bound) is None and health.over_bound_since is None
-    assert health.update(1, sac(-301.0), bound) is None and health.over_bound_since == 1  # |Q|: a very negative critic diverges too
+    assert (
+        health.update(1, sac(-301.0), bound) is None and health.over_bound_since == 1
+    )  # |Q|: a very negative critic diverges too
     assert health.update(2, sac(400.0), bound) is None
-    assert health.update(3, sac(100.0), bound) is None and health.over_bound_since is None  # back within: the count starts again
+    assert (
+        health.update(3, sac(100.0), bound) is None and health.over_bound_since is None
+    )  # back within: the count starts again
     assert health.update(4, sac(500.0), bound) is None
     assert health.update(5, sac(900.0, loss=50.0), bound) is None
     warning = health.update(6, sac(5000.0, alpha=7.0), bound)
     assert warning.startswith("warning: the critic is diverging") and "since epoch 5" in warning and "300" in warning
     assert health.update(7, sac(1e5), bound) is None  # said once
     assert (health.max_critic_loss, health.max_alpha, health.diverging_since) == (50.0, 7.0, 4)
-    assert health.summary() == "largest critic loss 50, largest alpha 7, largest rollout |s| 0; critic diverging since epoch 5"
+    assert (
+        health.summary()
+        == "largest critic loss 50, largest alpha 7, largest rollout |s| 0; critic diverging since epoch 5"
+    )
 
 
 def test_critic_health_warns_once_when_rollout_states_go_far_beyond_the_data():
@@ -405,7 +491,9 @@ def test_rollouts_halt_as_terminations_where_a_state_leaves_the_widened_data_ran
     a range taken from part of the data.
     """
     # Ranges [0, 2], [10, 20], [-1, 1], whose ends are the last two of 202 rows.
-    real_obs = torch.cat([torch.tensor([[1.0, 15.0, 0.0]]).expand(200, -1), torch.tensor([[0.0, 10.0, -1.0], [2.0, 20.0, 1.0]])])
+    real_obs = torch.cat(
+        [torch.tensor([[1.0, 15.0, 0.0]]).expand(200, -1), torch.tensor([[0.0, 10.0, -1.0], [2.0, 20.0, 1.0]])]
+    )
     env_terminated = lambda s: s[:, 2] > 0.5
     drop.TERMINATION_FNS["test-robot"] = env_terminated
     try:
@@ -422,10 +510,20 @@ def test_rollouts_halt_as_terminations_where_a_state_leaves_the_widened_data_ran
     ])  # fmt: skip
     assert halt(states).tolist() == [False, True, True, True, True]
     assert never(states).tolist() == [False, False, False, True, False]
-    rows, summary, start_obs = run_rollout("none", StepEnsemble(stds=[0.0] * 4), horizon=2, terminated_fn=drop.rollout_termination("halfcheetah", torch.tensor([[-3.0] * 3, [3.5] * 3]), 0.0))
+    rows, summary, start_obs = run_rollout(
+        "none",
+        StepEnsemble(stds=[0.0] * 4),
+        horizon=2,
+        terminated_fn=drop.rollout_termination("halfcheetah", torch.tensor([[-3.0] * 3, [3.5] * 3]), 0.0),
+    )
     # Offsets move dim 0 by 1, 3 or 4: the samples that end outside [-3, 3.5] are stored as terminal and roll no further.
     first = len(start_obs)
-    assert torch.equal(rows["done"][:first], ((rows["next_obs"][:first] < -3.0) | (rows["next_obs"][:first] > 3.5)).any(-1).float()) and 0 < rows["done"][:first].sum() < first
+    assert (
+        torch.equal(
+            rows["done"][:first], ((rows["next_obs"][:first] < -3.0) | (rows["next_obs"][:first] > 3.5)).any(-1).float()
+        )
+        and 0 < rows["done"][:first].sum() < first
+    )
     alive = rows["next_obs"][:first][rows["done"][:first] == 0]
     assert torch.equal(rows["obs"][first:], alive)
     assert summary["terminated_mean"] == pytest.approx(rows["done"].mean().item())
@@ -451,13 +549,23 @@ def test_the_loop_never_names_a_penalty():
     import inspect
 
     names = {"drop", "mopo", "none", "dice", "classifier"}
-    classes = {cls.__name__ for cls in penalties.PENALTIES.values() if cls is not penalties.NoPenalty} | {"RatioPenalty"}  # NoPenalty is the interface's type
+    classes = {cls.__name__ for cls in penalties.PENALTIES.values() if cls is not penalties.NoPenalty} | {
+        "RatioPenalty"
+    }  # NoPenalty is the interface's type
     for function in (drop.rollout, drop.main, drop.log_epoch, drop.evaluation):
         tree = ast.parse(inspect.getsource(function))
-        for compare in (node for node in ast.walk(tree) if isinstance(node, (ast.Compare, ast.If, ast.IfExp, ast.Match))):
+        for compare in (
+            node for node in ast.walk(tree) if isinstance(node, (ast.Compare, ast.If, ast.IfExp, ast.Match))
+        ):
             inside = list(ast.walk(compare.test if isinstance(compare, (ast.If, ast.IfExp)) else compare))
-            assert not {n.value for n in inside if isinstance(n, ast.Constant)} & names, (function.__name__, ast.unparse(compare)[:80])
-            assert not {n.attr for n in inside if isinstance(n, ast.Attribute)} & {"penalty", "ratio"}, (function.__name__, ast.unparse(compare)[:80])
+            assert not {n.value for n in inside if isinstance(n, ast.Constant)} & names, (
+                function.__name__,
+                ast.unparse(compare)[:80],
+            )
+            assert not {n.attr for n in inside if isinstance(n, ast.Attribute)} & {"penalty", "ratio"}, (
+                function.__name__,
+                ast.unparse(compare)[:80],
+            )
         used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
         assert not used & classes, function.__name__
     assert set(penalties.PENALTIES) == {"drop", "drop-classifier", "mopo", "none"}
@@ -490,12 +598,20 @@ def test_a_new_penalty_is_one_class_and_one_registry_line(hopper_file, tmp_path,
     monkeypatch.setattr(drop, "rollout", lambda *a: (rollout(*a), stored.append(a[-1].rew[: a[-1].size].clone()))[0])
     dynamics_rewards = []
     step = ProbabilisticEnsemble.sample_step
-    monkeypatch.setattr(ProbabilisticEnsemble, "sample_step", lambda self, *a: (lambda out: (dynamics_rewards.append(out[1]), out)[1])(step(self, *a)))
+    monkeypatch.setattr(
+        ProbabilisticEnsemble,
+        "sample_step",
+        lambda self, *a: (lambda out: (dynamics_rewards.append(out[1]), out)[1])(step(self, *a)),
+    )
     argv = ["--env", "hopper-medium-v2", "--dataset", hopper_file, "--penalty", "mopo", "--eta", "2", "--horizon", "1", "--epochs", "2",
             "--steps-per-epoch", "4", "--rollout-freq", "4", "--rollout-batch-size", "30", "--dice-steps", "3", "--eval-every", "2", "--eval-episodes", "1",
             "--sac.hidden", "16", "--sac.batch-size", "16", "--dynamics.num-members", "3", "--dynamics.num-elites", "2", "--dynamics.hidden", "16",
             "--dynamics.max-epochs", "1", "--run-name", "constant"]  # fmt: skip
     drop.main(tyro.cli(drop.Args, args=argv))
-    assert ConstantPenalty.trained == [100, 3, 3]  # the pretraining (--dice.pretrain-steps), then each epoch's --dice-steps
+    assert ConstantPenalty.trained == [
+        100,
+        3,
+        3,
+    ]  # the pretraining (--dice.pretrain-steps), then each epoch's --dice-steps
     assert torch.allclose(stored[0], dynamics_rewards[0] - 2 * 0.25)
-    assert logged_scalars(str(tmp_path / "runs" / "constant"))["dice/steps"] == [3.0, 3.0]
+    assert logged_scalars(str(tmp_path / "runs" / "constant"))["penalty/steps"] == [3.0, 3.0]

@@ -10,8 +10,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: the scripts under test
 
-DICE_BLOCK_START = "            if dice is not None and progress.step == 0:\n"
-EPOCH_END = "            # The epoch's means"
+DICE_BLOCK_START = "            if progress.step == 0:\n"
+EPOCH_END = "            sac = progress.sac_means()"
 
 
 def dice_after_the_updates(source: str) -> str:
@@ -24,27 +24,28 @@ def dice_after_the_updates(source: str) -> str:
     return source[:at] + block + source[at:]
 
 
+# fmt: off
 # (file, what it breaks, old text, new text or a function of the whole file)
 MUTANTS = [
-    ("drop.py", "penalty added instead of subtracted", "reward - hp.eta * reward_penalty", "reward + hp.eta * reward_penalty"),
-    ("drop.py", "eta dropped", "reward - hp.eta * reward_penalty", "reward - reward_penalty"),
+    ("drop.py", "penalty added instead of subtracted", "reward - args.eta * reward_penalty", "reward + args.eta * reward_penalty"),
+    ("drop.py", "eta dropped", "reward - args.eta * reward_penalty", "reward - reward_penalty"),
     ("dynamics.py", "MOPO: mean over elites", ".norm(dim=-1).max(0).values", ".norm(dim=-1).mean(0)"),
     ("dynamics.py", "MOPO: all members", "_, logvar = self(obs, act, self.elites)", "_, logvar = self(obs, act)"),
     ("dynamics.py", "MOPO: max std instead of its norm", ".norm(dim=-1).max(0).values", ".amax(dim=-1).max(0).values"),
-    ("drop.py", "penalty from head 0 for every sample", "tau = groups.gather(dice.ratio(groups.scatter(obs), groups.scatter(act)))", "tau = dice.ratio(obs, act)[0]"),
-    ("drop.py", "penalty from the mean of the heads", "tau = groups.gather(dice.ratio(groups.scatter(obs), groups.scatter(act)))", "tau = dice.ratio(obs, act).mean(0)"),
-    ("drop.py", "clip dropped", "penalty(tau, hp.transform, hp.clip, dice_config.below_clip)", "penalty(tau, hp.transform, None, dice_config.below_clip)"),
+    ("penalties.py", "penalty from head 0 for every sample", "tau = groups.gather(self.net.ratio(groups.scatter(obs), groups.scatter(act)))", "tau = self.net.ratio(obs, act)[0]"),
+    ("penalties.py", "penalty from the mean of the heads", "tau = groups.gather(self.net.ratio(groups.scatter(obs), groups.scatter(act)))", "tau = self.net.ratio(obs, act).mean(0)"),
+    ("penalties.py", "clip dropped", "penalty(tau, self.transform, self.clip, self.below_clip)", "penalty(tau, self.transform, None, self.below_clip)"),
     ("drop.py", "real data left out of SAC's batches", "num_real = int(batch_size * real_ratio)", "num_real = 0"),
     ("drop.py", "real count rounded", "num_real = int(batch_size * real_ratio)", "num_real = round(batch_size * real_ratio)"),
     ("drop.py", "terminated samples rolled on", "obs = next_obs[~done]", "obs = next_obs"),
-    ("drop.py", "done not stored", "reward - hp.eta * reward_penalty, next_obs, done, groups.member)", "reward - hp.eta * reward_penalty, next_obs, torch.zeros_like(done), groups.member)"),
+    ("drop.py", "done not stored", "reward - args.eta * reward_penalty, next_obs, done, groups.member)", "reward - args.eta * reward_penalty, next_obs, torch.zeros_like(done), groups.member)"),
     ("drop.py", "producing elite not stored", "next_obs, done, groups.member)", "next_obs, done)"),
-    ("drop.py", "horizon one step short", "for _ in range(hp.horizon):", "for _ in range(hp.horizon - 1):"),
+    ("drop.py", "horizon one step short", "for _ in range(args.horizon):", "for _ in range(args.horizon - 1):"),
     ("drop.py", "timeouts stored as done", "data.next_observations, data.terminals)", "data.next_observations, data.terminals | data.timeouts)"),
     ("drop.py", "DICE trained after the rollout", DICE_BLOCK_START, dice_after_the_updates),
     ("drop.py", "DICE on a stale copy of the policy", "sample_action = lambda obs: agent.actor(obs)[0]",
      "sample_action = (lambda actor: lambda obs: actor(obs)[0])(__import__('copy').deepcopy(agent.actor))"),
-    ("drop.py", "DICE pretraining dropped", "train_ratio(args.dice.pretrain_steps)", "train_ratio(0)"),
+    ("drop.py", "DICE pretraining dropped", "penalty.train(args.dice.pretrain_steps)", "penalty.train(0)"),
     ("drop.py", "NaN model states not reported", "torch.maximum(state_abs_max, next_obs.abs().amax())", "torch.maximum(state_abs_max, next_obs.abs().nan_to_num().amax())"),
     ("sac.py", "done ignored in the target", "(1.0 - batch.done) * next_q", "next_q"),
     ("sac.py", "max of the target critics", "self.critic_target(batch.next_obs, next_act).min(0).values", "self.critic_target(batch.next_obs, next_act).max(0).values"),
@@ -56,17 +57,17 @@ MUTANTS = [
     ("sac.py", "log-std floor ignored", "self.log_std(h).clamp(self.log_std_min, LOG_STD_MAX)", "self.log_std(h).clamp(-20.0, LOG_STD_MAX)"),
     ("sac.py", "alpha cap ignored", "self.log_alpha.clamp_(max=math.log(self.config.alpha_max))", "self.log_alpha.clamp_(max=math.inf)"),
     ("sac.py", "q_mean of the target, not the critic", '"q_mean": q.detach().mean()', '"q_mean": target_q.mean()'),
-    ("drop.py", "Q bound without the discount", "abs(eta) * largest_penalty) / (1 - gamma)", "abs(eta) * largest_penalty)"),
-    ("drop.py", "Q bound without eta", "(data_rewards.abs().max().item() + abs(eta) * largest_penalty)", "(data_rewards.abs().max().item() + largest_penalty)"),
-    ("drop.py", "largest penalty at the lower clip alone", "transformed(ends, hp.transform)", "transformed(ends[:1], hp.transform)"),
-    ("drop.py", "largest penalty at the upper clip alone", "transformed(ends, hp.transform)", "transformed(ends[1:], hp.transform)"),
-    ("drop.py", "far states judged without the data's scale", "state_abs_max <= FAR_STATE_FACTOR * data_state_abs_max", "state_abs_max <= FAR_STATE_FACTOR"),
+    ("health.py", "Q bound without the discount", "abs(eta) * largest_penalty) / (1 - gamma)", "abs(eta) * largest_penalty)"),
+    ("health.py", "Q bound without eta", "(data_rewards.abs().max().item() + abs(eta) * largest_penalty)", "(data_rewards.abs().max().item() + largest_penalty)"),
+    ("penalties.py", "largest penalty at the lower clip alone", "transformed(ends, self.transform)", "transformed(ends[:1], self.transform)"),
+    ("penalties.py", "largest penalty at the upper clip alone", "transformed(ends, self.transform)", "transformed(ends[1:], self.transform)"),
+    ("health.py", "far states judged without the data's scale", "state_abs_max <= FAR_STATE_FACTOR * data_state_abs_max", "state_abs_max <= FAR_STATE_FACTOR"),
     ("drop.py", "halt margin of |hi|, not of the range", "low - halt_margin * (high - low), high + halt_margin * (high - low)", "low - halt_margin * high.abs(), high + halt_margin * high.abs()"),
     ("drop.py", "halt only when every dimension is outside", "~((next_obs >= low) & (next_obs <= high)).all(-1)", "((next_obs < low) | (next_obs > high)).all(-1)"),
     ("drop.py", "halting drops the env's terminations", "env_terminated(next_obs) | ~(", "~("),
     ("drop.py", "halting off by default", "halt_margin: float | None = 0.1", "halt_margin: float | None = None"),
     ("drop.py", "old runs start to halt on resume", '    values.setdefault("halt_margin", None)  # runs saved before the flag existed never halted\n', ""),
-    ("drop.py", "critic health never reset", "            self.over_bound_since = None\n            return None", "            return None"),
+    ("health.py", "critic health never reset", "            self.over_bound_since = None\n            return None", "            return None"),
     ("classifier.py", "classifier: labels swapped", "F.softplus(-positive).mean(1) + F.softplus(negative).mean(1)", "F.softplus(positive).mean(1) + F.softplus(-negative).mean(1)"),
     ("classifier.py", "classifier: every head on every elite's samples", "torch.nonzero(model_member == g)", "torch.nonzero(model_member >= 0)"),
     ("classifier.py", "classifier: the logit taken as the ratio", "return self.logit(obs, act, heads).clamp(max=LOGIT_MAX).exp()", "return self.logit(obs, act, heads).clamp(max=LOGIT_MAX)"),
@@ -103,22 +104,22 @@ MUTANTS = [
     ("dynamics.py", "MOPO: ceiling of the variance, not the std", "return (0.5 * self.max_logvar).exp().norm(dim=-1).max().item()", "return self.max_logvar.exp().norm(dim=-1).max().item()"),
     ("dynamics.py", "dynamics: holdout also trained on", "holdout, train = perm[:num_holdout], perm[num_holdout:]", "holdout, train = perm[:num_holdout], perm"),
     # Session 14: forks that passed the suite until the tests named in docs/tests.md were added.
-    ("drop.py", "penalty read at the next state", "tau, reward_penalty = drop_penalty(dice, obs, act, groups, hp, dice_config)", "tau, reward_penalty = drop_penalty(dice, next_obs, act, groups, hp, dice_config)"),
+    ("drop.py", "penalty read at the next state", "reward_penalty, tau = penalty(obs, act, groups)", "reward_penalty, tau = penalty(next_obs, act, groups)"),
     ("drop.py", "rollouts start from the first rows of the data", "start_obs = real_obs[torch.randint(real.size, (args.rollout_batch_size,), device=device)]", "start_obs = real_obs[: args.rollout_batch_size]"),
-    ("drop.py", "DICE start states s0 from the model successors", "train_dice(dice, dice_opt, real_obs, real_act, dice_next_obs, real_obs, sample_action", "train_dice(dice, dice_opt, real_obs, real_act, dice_next_obs, dice_next_obs[0], sample_action"),
+    ("penalties.py", "DICE start states s0 from the model successors", "obs, act, self.next_obs, obs, self.policy", "obs, act, self.next_obs, self.next_obs[0], self.policy"),
     ("drop.py", "halting box from part of the data", "low, high = real_obs.min(0).values, real_obs.max(0).values", "low, high = real_obs[:100].min(0).values, real_obs[:100].max(0).values"),
-    ("drop.py", "evaluation not seeded from the run seed", "evaluate(agent.actor, make_eval_env(data), args.eval_episodes, seed=args.seed * 1000)", "evaluate(agent.actor, make_eval_env(data), args.eval_episodes, seed=0)"),
+    ("drop.py", "evaluation not seeded from the run seed", "evaluate(actor, make_eval_env(data), args.eval_episodes, seed=args.seed * 1000)", "evaluate(actor, make_eval_env(data), args.eval_episodes, seed=0)"),
     ("drop.py", "real_ratio default 0.5", "real_ratio: float = 0.05", "real_ratio: float = 0.5"),
     ("drop.py", "rollout batch default 5,000", "rollout_batch_size: int = 50_000", "rollout_batch_size: int = 5_000"),
     ("drop.py", "model_retain_epochs default 1", "model_retain_epochs: int = 5", "model_retain_epochs: int = 1"),
-    ("drop.py", "classifier loop: positives from the data", "model_buffer.obs[:size], model_buffer.act[:size], model_buffer.member[:size], real_obs, real_act", "real_obs[:size], real_act[:size], model_buffer.member[:size], real_obs, real_act"),
-    ("drop.py", "classifier loop: negatives from the model buffer", "model_buffer.obs[:size], model_buffer.act[:size], model_buffer.member[:size], real_obs, real_act", "model_buffer.obs[:size], model_buffer.act[:size], model_buffer.member[:size], model_buffer.obs[:size], model_buffer.act[:size]"),
-    ("drop.py", "classifier loop: positives capped at the buffer's first 1,000 rows", "size = model_buffer.size\n", "size = min(model_buffer.size, 1000)\n"),
-    ("drop.py", "classifier loop: one step an epoch", "real_obs, real_act, steps, args.classifier.batch_size)", "real_obs, real_act, 1, args.classifier.batch_size)"),
-    ("drop.py", "classifier loop: --classifier.lr ignored", "dice_opt = adam(dice.parameters(), args.classifier.lr, device)", "dice_opt = adam(dice.parameters(), 1e-4, device)"),
-    ("drop.py", "classifier loop: --classifier.batch-size ignored", "real_obs, real_act, steps, args.classifier.batch_size)", "real_obs, real_act, steps, 256)"),
-    ("drop.py", "classifier loop: --classifier.hidden ignored", "len(dynamics.elites), args.classifier.hidden, dynamics.input_mean", "len(dynamics.elites), 64, dynamics.input_mean"),
-    ("drop.py", "classifier loop: raw inputs, not the ensemble's statistics", "return RatioClassifier(obs_dim, act_dim, len(dynamics.elites), args.classifier.hidden, dynamics.input_mean, dynamics.input_std)", "return RatioClassifier(obs_dim, act_dim, len(dynamics.elites), args.classifier.hidden, torch.zeros_like(dynamics.input_mean), torch.ones_like(dynamics.input_std))"),
+    ("penalties.py", "classifier loop: positives from the data", "positives = buffer.obs[:size], buffer.act[:size], buffer.member[:size]", "positives = self.data_obs[:size], self.data_act[:size], buffer.member[:size]"),
+    ("penalties.py", "classifier loop: negatives from the model buffer", "negatives = self.net, (self.data_obs, self.data_act)", "negatives = self.net, (buffer.obs[:size], buffer.act[:size])"),
+    ("penalties.py", "classifier loop: positives capped at the buffer's first 1,000 rows", "buffer, size = self.model_buffer, self.model_buffer.size", "buffer, size = self.model_buffer, min(self.model_buffer.size, 1000)"),
+    ("penalties.py", "classifier loop: one step an epoch", "*negatives, steps, self.batch_size)", "*negatives, 1, self.batch_size)"),
+    ("penalties.py", "classifier loop: --classifier.lr ignored", "adam(self.net.parameters(), args.classifier.lr, data_obs.device)", "adam(self.net.parameters(), 1e-4, data_obs.device)"),
+    ("penalties.py", "classifier loop: --classifier.batch-size ignored", "*negatives, steps, self.batch_size)", "*negatives, steps, 256)"),
+    ("penalties.py", "classifier loop: --classifier.hidden ignored", "hidden, mean, std = args.classifier.hidden,", "hidden, mean, std = 64,"),
+    ("penalties.py", "classifier loop: raw inputs, not the ensemble's statistics", "hidden, mean, std = args.classifier.hidden, dynamics.input_mean, dynamics.input_std", "hidden, mean, std = args.classifier.hidden, torch.zeros_like(dynamics.input_mean), torch.ones_like(dynamics.input_std)"),
     ("sac.py", "SAC: target entropy -|A| / 2", "self.target_entropy = -float(act_dim)", "self.target_entropy = -float(act_dim) / 2"),
     ("sac.py", "SAC: gamma default 0.9", "gamma: float = 0.99", "gamma: float = 0.9"),
     ("sac.py", "SAC: alpha starts at e", "self.log_alpha = torch.zeros((), device=device, requires_grad=True)", "self.log_alpha = torch.ones((), device=device, requires_grad=True)"),
@@ -143,6 +144,7 @@ MUTANTS = [
     ("classifier.py", "classifier: heads 32 wide", "    hidden: int = 64\n", "    hidden: int = 32\n"),
     ("classifier.py", "classifier: lr 1e-4", "    lr: float = 1e-3\n", "    lr: float = 1e-4\n"),
 ]
+# fmt: on
 
 
 # The tests each file's mutants must fail.
@@ -152,11 +154,13 @@ TESTS = {
     "dice.py": ["test_dice.py", "test_known_answer.py"],
     "dynamics.py": ["test_dynamics.py", "test_loop.py"],
     "classifier.py": ["test_classifier.py"],
+    "penalties.py": ["test_loop.py"],
+    "health.py": ["test_loop.py"],
 }
 
 
 def watching_tests(file: str, breaks: str) -> list[str]:
-    """TESTS[file]; drop.py's classifier branch ("classifier loop: ...") is watched by test_classifier.py's tiny run."""
+    """TESTS[file]; the classifier's part of the loop ("classifier loop: ...") is watched by test_classifier.py's tiny run too."""
     return TESTS[file] + (["test_classifier.py"] if breaks.startswith("classifier loop:") else [])
 
 
@@ -168,12 +172,27 @@ def run_tests_on_a_copy(tmp_path, file: str, change, tests: list[str] | None = N
     os.symlink(os.path.join(ROOT, "policies"), tmp_path / "policies")  # the built-in behaviour policies
     (tmp_path / file).write_text(change((tmp_path / file).read_text()))
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *(f"tests/{name}" for name in tests or TESTS[file])],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-x",
+            "-p",
+            "no:cacheprovider",
+            *(f"tests/{name}" for name in tests or TESTS[file]),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("file", ["drop.py", "dice.py", "dynamics.py", "classifier.py"])
+@pytest.mark.parametrize("file", ["drop.py", "dice.py", "dynamics.py", "classifier.py", "penalties.py", "health.py"])
 def test_the_unchanged_copy_passes(file, tmp_path):
     """The control: a copy without a change passes, so a failing mutant failed for its change."""
     result = run_tests_on_a_copy(tmp_path, file, lambda source: source)

@@ -14,8 +14,9 @@ import torch
 from torch.distributions import Normal, TransformedDistribution
 from torch.distributions.transforms import TanhTransform
 
+import datasets
 from datasets import TanhGaussianPolicy
-from sac import SAC, Actor, Batch, ReplayBuffer, SACConfig, evaluate
+from sac import SAC, Actor, Batch, ReplayBuffer, SACConfig, evaluate, write_replay
 
 torch.set_num_threads(1)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: the scripts under test
@@ -56,8 +57,13 @@ def small_agent(**config) -> SAC:
 
 def batch_of(n: int, done: list[float]) -> Batch:
     generator = torch.Generator().manual_seed(1)
-    return Batch(torch.randn(n, 4, generator=generator), torch.rand(n, 2, generator=generator) * 2 - 1,
-                 torch.randn(n, generator=generator), torch.randn(n, 4, generator=generator), torch.tensor(done))
+    return Batch(
+        torch.randn(n, 4, generator=generator),
+        torch.rand(n, 2, generator=generator) * 2 - 1,
+        torch.randn(n, generator=generator),
+        torch.randn(n, 4, generator=generator),
+        torch.tensor(done),
+    )
 
 
 def test_td_target_bootstraps_from_the_target_critics_min_and_stops_only_at_done():
@@ -93,10 +99,16 @@ def test_update_regresses_on_the_td_target_steps_the_actor_uphill_and_moves_the_
     target = before.td_target(batch, alpha)
     act, log_prob = before.actor(batch.obs)
     with torch.no_grad():
-        assert torch.allclose(losses["critic_loss"], ((before.critic(batch.obs, batch.act) - target) ** 2).mean(1).sum(), rtol=1e-5)
+        assert torch.allclose(
+            losses["critic_loss"], ((before.critic(batch.obs, batch.act) - target) ** 2).mean(1).sum(), rtol=1e-5
+        )
         # The actor step sees the critic after its own step (which the actor step does not change).
-        assert torch.allclose(losses["actor_loss"], (alpha * log_prob - agent.critic(batch.obs, act).min(0).values).mean(), rtol=1e-5)
-        for old, new, critic in zip(before.critic_target.parameters(), agent.critic_target.parameters(), agent.critic.parameters()):
+        assert torch.allclose(
+            losses["actor_loss"], (alpha * log_prob - agent.critic(batch.obs, act).min(0).values).mean(), rtol=1e-5
+        )
+        for old, new, critic in zip(
+            before.critic_target.parameters(), agent.critic_target.parameters(), agent.critic.parameters()
+        ):
             assert torch.allclose(new, 0.9 * old + 0.1 * critic, atol=1e-6)
 
 
@@ -125,7 +137,11 @@ def test_log_std_is_clamped_at_the_configured_floor(floor):
     torch.manual_seed(1)
     u = mean + np.exp(floor) * torch.randn_like(mean)
     torch.testing.assert_close(action, torch.tanh(u))
-    reference = TransformedDistribution(Normal(mean, torch.full_like(mean, np.exp(floor))), TanhTransform()).log_prob(torch.tanh(u).clamp(-1 + 1e-6, 1 - 1e-6)).sum(-1)
+    reference = (
+        TransformedDistribution(Normal(mean, torch.full_like(mean, np.exp(floor))), TanhTransform())
+        .log_prob(torch.tanh(u).clamp(-1 + 1e-6, 1 - 1e-6))
+        .sum(-1)
+    )
     assert torch.allclose(log_prob, reference, atol=1e-2, rtol=1e-4)
 
 
@@ -154,13 +170,22 @@ def test_q_mean_is_the_critics_mean_on_the_batch_before_the_step():
     assert torch.allclose(agent.update(batch)["q_mean"], expected)
 
 
-
 def test_sac_starts_as_the_authors_softlearning_sac():
     """softlearning's SAC, the DROP/MOPO code's: 256-256 nets, lr 3e-4 for actor, critics and alpha, gamma 0.99,
     polyak 5e-3, batch 256, alpha starting at 1 with target entropy -|A|, targets starting equal to the critics.
 
     Catches: any of these defaults changed, a target entropy of another size, log alpha not starting at 0, targets left at their own init."""
-    assert SACConfig() == SACConfig(hidden=256, actor_lr=3e-4, critic_lr=3e-4, alpha_lr=3e-4, gamma=0.99, polyak=5e-3, batch_size=256, log_std_min=-20.0, alpha_max=None)
+    assert SACConfig() == SACConfig(
+        hidden=256,
+        actor_lr=3e-4,
+        critic_lr=3e-4,
+        alpha_lr=3e-4,
+        gamma=0.99,
+        polyak=5e-3,
+        batch_size=256,
+        log_std_min=-20.0,
+        alpha_max=None,
+    )
     torch.manual_seed(0)
     agent = SAC(4, 3, SACConfig(hidden=16), torch.device("cpu"))
     assert agent.target_entropy == -3.0 and agent.log_alpha.item() == 0.0
@@ -181,7 +206,9 @@ def test_the_temperature_gradient_is_the_entropy_gap_whatever_alpha_is():
         torch.manual_seed(3)
         agent.update(batch)
         torch.manual_seed(3)
-        before.td_target(batch, torch.tensor(1.0))  # the same draws as update's target, so the actor's sample below is update's
+        before.td_target(
+            batch, torch.tensor(1.0)
+        )  # the same draws as update's target, so the actor's sample below is update's
         _, log_prob = before.actor(batch.obs)
         grads.append(agent.log_alpha.grad.item())
         assert grads[-1] == pytest.approx(-(log_prob.mean().item() + agent.target_entropy), rel=1e-5)
@@ -191,8 +218,13 @@ def test_the_temperature_gradient_is_the_entropy_gap_whatever_alpha_is():
 def test_the_buffer_samples_only_what_was_stored_and_wraps_around():
     """Catches: sampling the empty rows beyond size, and a wrap that overwrites anything but the oldest rows."""
     buffer = ReplayBuffer(capacity=10, obs_dim=1, act_dim=1, device=torch.device("cpu"))
-    rows = lambda values: [torch.tensor(values, dtype=torch.float32).view(-1, 1), torch.zeros(len(values), 1), torch.tensor(values, dtype=torch.float32),
-                           torch.zeros(len(values), 1), torch.zeros(len(values))]
+    rows = lambda values: [
+        torch.tensor(values, dtype=torch.float32).view(-1, 1),
+        torch.zeros(len(values), 1),
+        torch.tensor(values, dtype=torch.float32),
+        torch.zeros(len(values), 1),
+        torch.zeros(len(values)),
+    ]
     buffer.add(*rows([1.0, 2.0, 3.0]))
     torch.manual_seed(0)
     assert set(buffer.sample(1000).rew.tolist()) == {1.0, 2.0, 3.0}
@@ -230,13 +262,55 @@ def test_evaluation_scales_the_deterministic_action_to_the_env_and_seeds_each_ep
     env = RecordingEnv()
     returns = evaluate(actor, env, episodes=2, seed=7)
     assert env.resets == [7, 8] and returns.tolist() == [4.0, 4.0]
-    seen = np.array([o for i, o in enumerate(env.obs) if i % 5 != 4])  # the states acted in: all but each episode's last
+    seen = np.array(
+        [o for i, o in enumerate(env.obs) if i % 5 != 4]
+    )  # the states acted in: all but each episode's last
     np.testing.assert_allclose(np.array(env.actions), actor.act(seen) * np.array([2.0, 0.5]), rtol=1e-6)
+
 
 @pytest.mark.slow
 def test_online_sac_learns_pendulum(tmp_path):
-    argv = ["--env", "Pendulum-v1", "--total-steps", str(PENDULUM_STEPS), "--learning-starts", "1000", "--eval-every", str(PENDULUM_STEPS), "--eval-episodes", "5", "--seed", "1", "--run-name", "pendulum"]
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "sac.py"), *argv], cwd=tmp_path, capture_output=True, text=True, timeout=1800)
+    argv = [
+        "--env",
+        "Pendulum-v1",
+        "--total-steps",
+        str(PENDULUM_STEPS),
+        "--learning-starts",
+        "1000",
+        "--eval-every",
+        str(PENDULUM_STEPS),
+        "--eval-episodes",
+        "5",
+        "--seed",
+        "1",
+        "--run-name",
+        "pendulum",
+    ]
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "sac.py"), *argv],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert result.returncode == 0, result.stderr
     final = float(re.search(r"final eval return: (-?[\d.]+)", result.stdout).group(1))
     assert final > PENDULUM_MIN_RETURN, result.stdout
+
+
+def test_the_replay_buffer_is_written_as_a_d4rl_file_in_step_order(tmp_path):
+    """sac.py keeps what it trained on (a medium-replay dataset is made of it): the rows in step order after the
+    buffer wrapped, terminations as terminals, time limits as timeouts, and the last row, cut by the stop, a timeout."""
+    buffer, truncations = ReplayBuffer(5, 11, 3, torch.device("cpu")), np.zeros(5, dtype=bool)
+    for t in range(7):  # two more steps than the buffer holds
+        truncations[buffer.ptr] = t == 2
+        row = lambda value, width: torch.full((1, width), float(value))
+        buffer.add(row(t, 11), row(t / 10, 3), torch.tensor([float(t)]), row(t + 1, 11), torch.tensor([float(t == 4)]))
+    write_replay(
+        str(tmp_path / "replay.hdf5"), buffer, truncations, types.SimpleNamespace(env="Hopper-v4", seed=1), step=7
+    )
+    data = datasets.load_dataset("hopper-medium-v2", str(tmp_path / "replay.hdf5"))
+    assert data.rewards.tolist() == [2, 3, 4, 5, 6] and data.observations[:, 0].tolist() == [2, 3, 4, 5, 6]
+    assert data.next_observations[:, 0].tolist() == [3, 4, 5, 6, 7]
+    assert data.terminals.tolist() == [False, False, True, False, False]
+    assert data.timeouts.tolist() == [True, False, False, False, True]

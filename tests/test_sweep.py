@@ -46,7 +46,11 @@ def workdir(tmp_path_factory):
         patch.setenv("OMP_NUM_THREADS", "1")
         patch.chdir(workdir)
         with pytest.MonkeyPatch.context() as small:
-            small.setattr(datasets, "collect", lambda env_id, policy, num_transitions, seed, out: collect(env_id, policy, 2000, seed, out))
+            small.setattr(
+                datasets,
+                "collect",
+                lambda env_id, policy, num_transitions, seed, out: collect(env_id, policy, 2000, seed, out),
+            )
             for env in ENVS:
                 datasets.load_dataset(env)
         sweep.start_ray(None, 2)
@@ -88,7 +92,9 @@ def kill_worker_once_started(run_dir: str, run_name: str, killed: dict, stop: th
         if pids:
             killed["worker_pid"] = worker = process_state(pids[0])[1]
             with open(f"/proc/{worker}/cmdline", "rb") as file:
-                assert file.read().startswith(b"ray::"), "the drop.py's parent is not a Ray worker"  # never kill anything else
+                assert file.read().startswith(b"ray::"), (
+                    "the drop.py's parent is not a Ray worker"
+                )  # never kill anything else
             os.kill(worker, signal.SIGKILL)
             deadline = time.monotonic() + 2.0  # the tiny run has seconds left: alive after this, it outlived its worker
             while process_state(pids[0])[0] not in ("Z", "gone") and time.monotonic() < deadline:
@@ -102,7 +108,9 @@ def kill_worker_once_started(run_dir: str, run_name: str, killed: dict, stop: th
 def tiny_sweep(workdir):
     """The grid run once, with one run's Ray worker killed in the middle of that run."""
     killed, stop = {}, threading.Event()
-    killer = threading.Thread(target=kill_worker_once_started, args=(str(workdir / "sweeps/tiny/runs" / KILLED_RUN), KILLED_RUN, killed, stop))
+    killer = threading.Thread(
+        target=kill_worker_once_started, args=(str(workdir / "sweeps/tiny/runs" / KILLED_RUN), KILLED_RUN, killed, stop)
+    )
     killer.start()
     try:
         rows = run_sweep(GRID)
@@ -117,7 +125,9 @@ def test_every_cell_filled_although_a_worker_was_killed(tiny_sweep, workdir):
     assert killed, "the run to kill never started"
     assert killed["drop_state_after"] in ("Z", "gone"), "the killed worker's drop.py lives on"
     assert len(rows) == 8 and all(row["epochs"] == 2 for row in rows)
-    assert {(row["dataset"], row["penalty"], row["seed"]) for row in rows} == {(e, p, s) for e in ENVS for p in ("drop", "none") for s in (0, 1)}
+    assert {(row["dataset"], row["penalty"], row["seed"]) for row in rows} == {
+        (e, p, s) for e in ENVS for p in ("drop", "none") for s in (0, 1)
+    }
     table = (workdir / "sweeps/tiny/table.md").read_text()
     for env in ENVS:
         line = next(line for line in table.splitlines() if line.startswith(f"| {env} |"))
@@ -150,7 +160,11 @@ def test_rerun_trains_nothing(tiny_sweep, workdir, capsys, monkeypatch):
         raise AssertionError(f"the report of a finished sweep read {env} again")
 
     monkeypatch.setattr(sweep, "load_dataset", no_data)  # its data line comes from data_scores.json
-    outputs = [*(workdir / "sweeps/tiny").glob("runs/*/checkpoint.pt"), *(workdir / "sweeps/tiny").glob("dynamics/*.pt"), *(workdir / "sweeps/tiny").glob("logs/*.log")]
+    outputs = [
+        *(workdir / "sweeps/tiny").glob("runs/*/checkpoint.pt"),
+        *(workdir / "sweeps/tiny").glob("dynamics/*.pt"),
+        *(workdir / "sweeps/tiny").glob("logs/*.log"),
+    ]
     assert len(outputs) == 8 + 4 + (8 + 4)  # checkpoints, ensembles, logs of runs and ensembles
     before = {path: path.stat().st_mtime_ns for path in outputs}
     rows = run_sweep(GRID)
@@ -183,7 +197,10 @@ def test_report_only_keeps_the_rows_of_runs_whose_folders_are_gone(tiny_sweep, w
     argv = [*GRID[: GRID.index("--name")], "--name", "moved", *TINY, "--report-only"]
     rows = run_sweep(argv)
     assert rows == tiny_sweep[0]
-    assert f"1 of them from the last results.csv, their folders not here ({lost})" in (moved / "table.md").read_text().splitlines()[0]
+    assert (
+        f"1 of them from the last results.csv, their folders not here ({lost})"
+        in (moved / "table.md").read_text().splitlines()[0]
+    )
     with open(moved / "results.csv") as file:
         assert [row["run_dir"] for row in csv.DictReader(file)] == [row["run_dir"] for row in tiny_sweep[0]]
     os.remove(moved / "results.csv")  # nothing to keep them from: the lost run leaves the table
@@ -219,14 +236,20 @@ def test_more_epochs_extend_the_finished_runs_and_fewer_are_refused(tiny_sweep, 
     one_run = ["--envs", "builtin-hopper-medium", "--penalties", "drop", "--seeds", "0", "--name", "tiny", *TINY]
     ensemble = workdir / "sweeps/tiny/dynamics/builtin-hopper-medium__seed0.pt"
     trained = ensemble.stat().st_mtime_ns
-    first_part = torch.load(workdir / "sweeps/tiny/runs/builtin-hopper-medium__drop__eta5__seed0/checkpoint.pt", weights_only=True)["wall_seconds"]
+    first_part = torch.load(
+        workdir / "sweeps/tiny/runs/builtin-hopper-medium__drop__eta5__seed0/checkpoint.pt", weights_only=True
+    )["wall_seconds"]
     [row] = run_sweep([*one_run, "--epochs", "3"])
     assert "0 already finished, 1 to run" in capsys.readouterr().out
     checkpoint = torch.load(workdir / "sweeps/tiny" / row["run_dir"] / "checkpoint.pt", weights_only=True)
     assert (row["epochs"], checkpoint["finished"], ensemble.stat().st_mtime_ns) == (3, True, trained)
-    assert row["wall_seconds"] == round(checkpoint["wall_seconds"], 1) > round(first_part, 1)  # both parts, not the last process's
+    assert (
+        row["wall_seconds"] == round(checkpoint["wall_seconds"], 1) > round(first_part, 1)
+    )  # both parts, not the last process's
     assert [entry["epoch"] for entry in checkpoint["eval_history"]] == [0, 1, 2]  # continued, not started over
-    with pytest.raises(SystemExit, match=r"has done 3 epochs, more than this sweep's 2; a sweep can extend its runs, not shorten them"):
+    with pytest.raises(
+        SystemExit, match=r"has done 3 epochs, more than this sweep's 2; a sweep can extend its runs, not shorten them"
+    ):
         run_sweep(one_run)
 
 
@@ -249,13 +272,26 @@ def test_bad_flags_end_in_one_line_before_anything_runs(argv, message, tmp_path,
 
 
 def test_grid_defaults_to_table_etas_and_runs_none_once():
-    runs = sweep.plan(tyro.cli(sweep.Args, args=["--envs", "hopper-medium-v2", "halfcheetah-random-v2", "--penalties", "drop", "none", "--seeds", "0"]), sweep.drop.Args())
+    runs = sweep.plan(
+        tyro.cli(
+            sweep.Args,
+            args=["--envs", "hopper-medium-v2", "halfcheetah-random-v2", "--penalties", "drop", "none", "--seeds", "0"],
+        ),
+        sweep.drop.Args(),
+    )
     assert [(r.task, r.penalty, r.eta, r.epochs, r.column) for r in runs] == [
         ("hopper-medium", "drop", 5.0, 1500, "drop"), ("hopper-medium", "none", 0.0, 1500, "none"),
         ("halfcheetah-random", "drop", 0.5, 500, "drop"), ("halfcheetah-random", "none", 0.0, 500, "none"),
     ]  # fmt: skip
-    runs = sweep.plan(tyro.cli(sweep.Args, args=["--penalties", "drop", "none", "--etas", "1", "2", "--seeds", "0"]), sweep.drop.Args(epochs=3))
-    assert [(r.penalty, r.eta, r.epochs, r.column) for r in runs] == [("drop", 1.0, 3, "drop eta=1"), ("drop", 2.0, 3, "drop eta=2"), ("none", 0.0, 3, "none")]
+    runs = sweep.plan(
+        tyro.cli(sweep.Args, args=["--penalties", "drop", "none", "--etas", "1", "2", "--seeds", "0"]),
+        sweep.drop.Args(epochs=3),
+    )
+    assert [(r.penalty, r.eta, r.epochs, r.column) for r in runs] == [
+        ("drop", 1.0, 3, "drop eta=1"),
+        ("drop", 2.0, 3, "drop eta=2"),
+        ("none", 0.0, 3, "none"),
+    ]
 
 
 def test_variants_are_columns_of_drop_runs_with_their_own_flags():
@@ -270,17 +306,42 @@ def test_variants_are_columns_of_drop_runs_with_their_own_flags():
     ]  # fmt: skip
 
 
-@pytest.mark.parametrize("variant", ["checked", "=--ratio classifier", "a b=--ratio classifier", "x=--seed 3", "x=--no-such-flag"])
+@pytest.mark.parametrize(
+    "variant", ["checked", "=--ratio classifier", "a b=--ratio classifier", "x=--seed 3", "x=--no-such-flag"]
+)
 def test_a_bad_variant_is_refused_in_one_line(variant):
     with pytest.raises(SystemExit, match="^error: ") as error:
-        sweep.plan(tyro.cli(sweep.Args, args=["--penalties", "drop", "--seeds", "0", "--variants", variant]), sweep.drop.Args())
+        sweep.plan(
+            tyro.cli(sweep.Args, args=["--penalties", "drop", "--seeds", "0", "--variants", variant]), sweep.drop.Args()
+        )
     assert "\n" not in str(error.value)
 
 
 def test_table_puts_the_paper_beside_ours_and_leaves_gaps_visible():
-    runs = sweep.plan(tyro.cli(sweep.Args, args=["--envs", "hopper-medium-v2", "builtin-halfcheetah-medium", "--penalties", "drop", "none", "--seeds", "0", "1"]), sweep.drop.Args())
+    runs = sweep.plan(
+        tyro.cli(
+            sweep.Args,
+            args=[
+                "--envs",
+                "hopper-medium-v2",
+                "builtin-halfcheetah-medium",
+                "--penalties",
+                "drop",
+                "none",
+                "--seeds",
+                "0",
+                "1",
+            ],
+        ),
+        sweep.drop.Args(),
+    )
     scores = iter([10.0, 20.0, 5.0, 5.0, 30.0, 50.0, 7.0])  # the last run (halfcheetah, none, seed 1) failed
-    health = lambda i: {"epochs": 3, "max_critic_loss": 40.0 + i, "max_alpha": 0.5, "diverging_since": 2 if i == 1 else 0}
+    health = lambda i: {
+        "epochs": 3,
+        "max_critic_loss": 40.0 + i,
+        "max_alpha": 0.5,
+        "diverging_since": 2 if i == 1 else 0,
+    }
     rows = {run: {"normalized_score": score, **health(i)} for i, (run, score) in enumerate(zip(runs, scores))}
     table = sweep.format_table("Sweep `t`", runs, rows, ["halfcheetah none seed 1: it broke"], reps=100)
     assert f"| {runs[0].name} | 3 | 10.0 | 40 | 0.5 | never |" in table  # every run's critic, a diverged one marked
@@ -288,12 +349,17 @@ def test_table_puts_the_paper_beside_ours_and_leaves_gaps_visible():
     assert "| hopper-medium-v2 | 15.0 ± 7.1 (2) | 5.0 ± 0.0 (2) | 52.1 | 26.3 | 4.9 |" in table
     assert "| builtin-halfcheetah-medium | 40.0 ± 14.1 (2) | 7.0 (1) | 50.2† | 42.3† | 28.3† |" in table
     assert "| drop | 25.0 |" in table  # IQM of 10, 20, 30, 50
-    assert "| none | 5.7 |" in table and "Not aggregated" not in table  # a missing seed still leaves a score on each dataset
+    assert (
+        "| none | 5.7 |" in table and "Not aggregated" not in table
+    )  # a missing seed still leaves a score on each dataset
     assert "| drop | none | 1.00 |" in table and "- halfcheetah none seed 1: it broke" in table
     rows.pop(runs[2])
     rows.pop(runs[3])
     table = sweep.format_table("Sweep `t`", runs, rows, [], reps=100)
-    assert "| hopper-medium-v2 | 15.0 ± 7.1 (2) | — |" in table and "Not aggregated, for lack of a score on every dataset: none." in table
+    assert (
+        "| hopper-medium-v2 | 15.0 ± 7.1 (2) | — |" in table
+        and "Not aggregated, for lack of a score on every dataset: none." in table
+    )
     assert "P(X > Y)" not in table
 
 
@@ -341,7 +407,14 @@ def test_the_data_line_is_the_score_of_the_datasets_own_episodes(tiny_sweep, wor
     data = datasets.load_dataset(ENVS[0])
     ends = np.flatnonzero(data.terminals | data.timeouts)
     returns = [data.rewards[start : end + 1].sum() for start, end in zip([0, *(ends[:-1] + 1)], ends)]
-    assert scores[ENVS[0]] == pytest.approx(float(np.mean(100 * (np.array(returns) - datasets.REF_SCORES["hopper"][0]) / np.diff(datasets.REF_SCORES["hopper"])[0])), rel=1e-4)
+    assert scores[ENVS[0]] == pytest.approx(
+        float(
+            np.mean(
+                100 * (np.array(returns) - datasets.REF_SCORES["hopper"][0]) / np.diff(datasets.REF_SCORES["hopper"])[0]
+            )
+        ),
+        rel=1e-4,
+    )
 
 
 def test_the_data_scores_record_keeps_earlier_datasets(tmp_path):
