@@ -137,12 +137,10 @@ def settings(args: Args, task: str) -> tuple[Args, str]:
     source = table.source + (
         f"; {', '.join('--' + name.replace('_', '-') for name in given)} from the command line" if given else ""
     )
-    lam = args.dice_lambda if args.dice_lambda is not None else preset_lambda(args.dice)
-    args = replace(
-        args,
-        **{name: getattr(table, name) for name in TABLE_FIELDS if getattr(args, name) is None}
-        | ({"dice_lambda": lam} if lam is not None else {}),
-    )
+    filled = {name: getattr(table, name) for name in TABLE_FIELDS if getattr(args, name) is None}
+    if args.dice_lambda is None and preset_lambda(args.dice) is not None:
+        filled["dice_lambda"] = preset_lambda(args.dice)  # --dice-lambda, else the preset's, else the table's
+    args = replace(args, **filled)
     if args.no_clip:
         args = replace(args, clip=None)
     rules = [

@@ -234,3 +234,22 @@ def test_the_per_dataset_tables_are_the_ones_docs_defaults_md_documents():
     assert {
         row[0]: (int(row[1]), float(row[2])) for row in markdown_table(text, "| dataset | h | lambda |")
     } == MOPO_DEFAULTS
+
+
+def heading_anchors(page: Path) -> set[str]:
+    """GitHub's anchors of a page's headings: lower case, punctuation but - and _ dropped, spaces as -."""
+    headings = re.findall(r"^#+ (.+)$", page.read_text(), re.M)
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-") for heading in headings}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_links_to_a_section_name_one_that_exists(page):
+    broken = []
+    for linked_from, target in LINKS:
+        if linked_from != page or "#" not in target or re.match(r"[a-z][a-z0-9+.-]*:", target, re.I):
+            continue
+        path, anchor = target.split("#", 1)
+        linked = (page.parent / path) if path else page
+        if linked.suffix == ".md" and linked.exists() and anchor not in heading_anchors(linked):
+            broken.append(target)
+    assert not broken, f"{page.relative_to(ROOT)} links to sections that do not exist: {broken}"

@@ -185,6 +185,26 @@ def test_a_finished_run_extended_with_more_epochs_is_exactly_the_longer_run(
     )
 
 
+def test_a_checkpoint_from_before_the_penalty_interface_resumes_exactly(
+    hopper_file, workdir, uninterrupted, monkeypatch
+):
+    """Checkpoints written before penalties.py kept the ratio under "dice"/"dice_opt", the epoch's statistics under
+    epoch_progress["dice"] and DICE's lambda as --dice.lam: such a run goes on to the same weights as one never stopped."""
+    monkeypatch.chdir(workdir)
+    drop.main(tyro.cli(drop.Args, args=drop_argv(hopper_file, "old-format", "--epochs", "2")))
+    path = workdir / "runs" / "old-format" / "checkpoint.pt"
+    checkpoint = load(path)
+    penalty = checkpoint.pop("penalty")
+    checkpoint["dice"], checkpoint["dice_opt"] = penalty["net"], penalty["optimizer"]
+    checkpoint["epoch_progress"]["dice"] = checkpoint["epoch_progress"].pop("penalty_stats")
+    checkpoint["args"]["dice"]["lam"] = None
+    torch.save(checkpoint, path)
+    drop.main(drop.parse_args(["--resume", "runs/old-format", "--epochs", "4"]))
+    resumed = load(path)
+    for key in WEIGHT_KEYS:
+        assert_same(resumed[key], uninterrupted[key], key)
+
+
 def test_a_new_run_never_overwrites_a_run_folder(workdir, uninterrupted, hopper_file, monkeypatch):
     monkeypatch.chdir(workdir)
     with pytest.raises(
