@@ -187,8 +187,8 @@ class SAC:
         critic_loss.backward()
         self.critic_opt.step()
 
-        # The actor step differentiates through the critic but must not compute its weight
-        # gradients (about 12% of an update on the CPU).
+        # The actor step differentiates through the critic but need not compute its weight gradients
+        # (a measurable share of an update on the CPU: docs/speed.md).
         self.critic.requires_grad_(False)
         act, log_prob = self.actor(batch.obs)
         actor_loss = (alpha * log_prob - self.critic(batch.obs, act).min(0).values).mean()
