@@ -140,10 +140,13 @@ class DiceRatio(RatioPenalty):
         ).to(data_obs.device)
         self.optimizer = dice_optimizer(self.net, args.dice_lr, self.config)
         self.policy, self.lam = policy, args.dice_lambda
-        # The dynamics are frozen, so each elite's mean next state for every dataset (s, a) is computed once.
-        self.next_obs = dynamics.elite_mean_next_obs(data_obs, data_act)
+        self.next_obs = None
 
     def fit(self, steps: int) -> torch.Tensor:
+        # The dynamics are frozen, so each elite's mean next state for every dataset (s, a) is computed once,
+        # at the first training (a run rebuilt only to read its penalty, as diagnostics.py does, never pays for it).
+        if self.next_obs is None:
+            self.next_obs = self.dynamics.elite_mean_next_obs(self.data_obs, self.data_act)
         obs, act = self.data_obs, self.data_act  # the start states s0 are the data's states too
         return train_dice(
             self.net, self.optimizer, obs, act, self.next_obs, obs, self.policy, steps, self.config, self.lam
