@@ -46,7 +46,7 @@ from datasets import DatasetError, OfflineDataset, load_dataset, simulator_state
 from dice import resolve
 from dynamics import MemberGroups, load_ensemble
 from eval import load_policy
-from penalties import ClassifierRatio, NoPenalty, RatioPenalty, build_penalty
+from penalties import ClassifierRatio, MopoPenalty, NoPenalty, RatioPenalty, build_penalty
 from sac import ReplayBuffer
 
 # Hopper's and Walker2d's observations clip every velocity to [-10, 10]; HalfCheetah's do not.
@@ -191,7 +191,8 @@ def penalties(run: Run, obs: torch.Tensor, act: torch.Tensor, elite: torch.Tenso
     if isinstance(run.penalty, RatioPenalty):
         penalty, tau = run.penalty(obs, act, MemberGroups(elite, len(run.dynamics.elites)))
         result["drop"] = {"penalty": penalty.double().numpy(), "tau": tau.double().numpy()}
-    result["mopo"] = {"penalty": run.dynamics.mopo_penalty(obs, act).double().numpy()}
+    members = run.penalty.members if isinstance(run.penalty, MopoPenalty) else None  # as the run trained, else MOPO's
+    result["mopo"] = {"penalty": run.dynamics.mopo_penalty(obs, act, members).double().numpy()}
     return result
 
 

@@ -13,7 +13,7 @@
    the head of the member that produced the transition.
 4. Train SAC on batches of 5% real and 95% model transitions.
 
-`--penalty mopo` swaps the penalty for MOPO's (the largest std norm over the elites) and
+`--penalty mopo` swaps the penalty for MOPO's (the largest std norm over the ensemble's members) and
 `--penalty none` removes it (MBPO); both take MOPO's per-dataset h (tasks.py). The penalties live
 in penalties.py; what keeps a run alive (checkpoints, resume, signals) in checkpoint.py, and the
 critic's health checks in health.py.
@@ -58,9 +58,11 @@ class Args:
     dataset: str | None = None
     """a D4RL-format HDF5 file to train on; --env then fixes the eval env, the score and the defaults"""
     penalty: Penalty = "drop"
-    """reward penalty: drop (density ratio), mopo (max std norm over elites) or none (MBPO)"""
+    """reward penalty: drop (density ratio), mopo (max std norm over the members) or none (MBPO)"""
     ratio: Literal["dice", "classifier"] = "dice"
     """DROP's ratio estimator: dice (GradientDICE, the paper's) or classifier (rollout vs data samples, defined where the rollouts go)"""
+    mopo_members: Literal["all", "elites"] = "all"
+    """--penalty mopo: the largest std norm over all members (MOPO's and the DROP authors' fake_env.py) or over the elites only (this project's runs before 2026-12-06)"""
     eta: float | None = None
     """penalty coefficient (default: the per-dataset table)"""
     horizon: int | None = None
@@ -166,6 +168,7 @@ def args_from_dict(values: dict) -> Args:
     """The Args of a saved run (`asdict(args)` in its checkpoint), older runs' names mapped to today's."""
     values = dict(values)
     values.setdefault("halt_margin", None)  # runs saved before the flag existed never halted
+    values.setdefault("mopo_members", "elites")  # and took MOPO's penalty over the elites
     if values.get("dice_lambda") is None and values.get("dice", {}).get("lam") is not None:
         values["dice_lambda"] = values["dice"]["lam"]  # --dice.lam, before it became --dice-lambda
     return dataclass_from_dict(Args, values)

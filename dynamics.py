@@ -136,9 +136,9 @@ class ProbabilisticEnsemble(nn.Module):
         logvar = min_logvar + F.softplus(logvar - min_logvar)
         return mean, logvar
 
-    def mopo_penalty(self, obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
-        """MOPO's uncertainty: the largest norm of the predicted std over the elites."""
-        _, logvar = self(obs, act, self.elites)
+    def mopo_penalty(self, obs: torch.Tensor, act: torch.Tensor, members: torch.Tensor | None = None) -> torch.Tensor:
+        """MOPO's uncertainty: the largest norm of the predicted std over `members` (None: every member, as MOPO's code)."""
+        _, logvar = self(obs, act, members)
         return (0.5 * logvar).exp().norm(dim=-1).max(0).values
 
     def mopo_penalty_ceiling(self) -> float:
@@ -438,7 +438,7 @@ def uncertainty_report(
 ) -> dict:
     """Whether the ensemble's variance still depends on (s, a): bounds crossed (max below min, so the
     log-variance is the constant min), outputs whose log-variance varies by under 0.01 over the samples,
-    and MOPO's penalty (the elites' largest std norm) at the data's actions and at uniform random ones,
+    and MOPO's penalty (the members' largest std norm) at the data's actions and at uniform random ones,
     against its ceiling, the largest norm the upper bounds allow."""
     _, logvar = model(obs, act)
     spread = logvar.amax(1) - logvar.amin(1)

@@ -63,10 +63,14 @@ class NoPenalty:
 
 
 class MopoPenalty(NoPenalty):
-    """MOPO: the largest Frobenius norm of the predicted std over the elites."""
+    """MOPO: the largest Frobenius norm of the predicted std over every member (MOPO's fake_env.py), or over the elites."""
+
+    def __init__(self, args, dynamics, data_obs, data_act, model_buffer, policy):
+        super().__init__(args, dynamics, data_obs, data_act, model_buffer, policy)
+        self.members = dynamics.elites if args.mopo_members == "elites" else None
 
     def __call__(self, obs, act, groups):
-        return self.dynamics.mopo_penalty(obs, act), None
+        return self.dynamics.mopo_penalty(obs, act, self.members), None
 
     def largest(self) -> float:
         return self.dynamics.mopo_penalty_ceiling()

@@ -103,10 +103,9 @@ class OffsetModel:
         predicted[..., [0, 5]] += self.OFFSETS[:, None, :] * on_subset
         return predicted
 
-    def __call__(self, obs, act, members):  # MOPO's input: unit variances
-        return torch.zeros(len(members), len(obs), obs.shape[1] + 1), torch.zeros(
-            len(members), len(obs), obs.shape[1] + 1
-        )
+    def __call__(self, obs, act, members=None):  # MOPO's input: unit variances
+        shape = (3 if members is None else len(members), len(obs), obs.shape[1] + 1)
+        return torch.zeros(shape), torch.zeros(shape)
 
     mopo_penalty = ProbabilisticEnsemble.mopo_penalty
 
@@ -144,8 +143,8 @@ class StillModel:
 
     elites = torch.arange(3)
 
-    def __call__(self, obs, act, members):
-        mean = torch.zeros(len(members), len(obs), obs.shape[1] + 1)
+    def __call__(self, obs, act, members=None):
+        mean = torch.zeros(3 if members is None else len(members), len(obs), obs.shape[1] + 1)
         mean[..., -1] = torch.tensor([1.0, 2.0, 3.0])[:, None]
         return mean, torch.zeros_like(mean)
 

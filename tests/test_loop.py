@@ -68,9 +68,11 @@ ZERO_POLICY = lambda obs: (torch.zeros(len(obs), ACT_DIM), None)
 NEVER_TERMINATED = lambda next_obs: torch.zeros(len(next_obs), dtype=torch.bool)
 
 
-def run_settings(penalty="drop", horizon=1, eta=1.0, clip=None, transform="log", dice_config=None) -> drop.Args:
+def run_settings(
+    penalty="drop", horizon=1, eta=1.0, clip=None, transform="log", dice_config=None, mopo_members="all"
+) -> drop.Args:
     """A run's settings with the given rollout and penalty values (the DICE ones do not matter here)."""
-    args = drop.Args(penalty=penalty, dice=dice_config or DiceConfig())
+    args = drop.Args(penalty=penalty, dice=dice_config or DiceConfig(), mopo_members=mopo_members)
     return replace(
         args,
         horizon=horizon,
@@ -110,11 +112,12 @@ def run_rollout(
     terminated_fn=NEVER_TERMINATED,
     num_starts=600,
     dice_config=None,
+    mopo_members="all",
 ):
     torch.manual_seed(0)
     buffer = ReplayBuffer(num_starts * horizon, OBS_DIM, ACT_DIM, torch.device("cpu"))
     start_obs = torch.randn(num_starts, OBS_DIM)
-    args = run_settings(penalty, horizon, eta, clip, transform, dice_config)
+    args = run_settings(penalty, horizon, eta, clip, transform, dice_config, mopo_members)
     summary = drop.rollout(
         dynamics, ZERO_POLICY, penalty_of(args, dynamics, dice), start_obs, args, terminated_fn, buffer
     )
@@ -212,16 +215,18 @@ def test_samples_step_only_with_elites():
     assert 1 not in member_of(rows).tolist()
 
 
-def test_mopo_penalty_is_the_largest_std_norm_over_the_elites():
-    """u(s, a) = max over elites of ||std_e(s, a)||. Member 1 (not an elite) has the largest std.
+@pytest.mark.parametrize("members", ["all", "elites"])
+def test_mopo_penalty_is_the_largest_std_norm_over_the_members(members):
+    """u(s, a) = max over the members of ||std_m(s, a)||: every member, as MOPO's fake_env.py (the default), or
+    the elites (--mopo-members elites). Member 1, not an elite, has the largest std.
 
-    Catches: the mean over elites, all members instead of the elites, the max of the std
-    instead of its norm, the variance instead of the std, + instead of -.
+    Catches: the mean over members, the elites by default or every member when the elites are asked for,
+    the max of the std instead of its norm, the variance instead of the std, + instead of -.
     """
     stds = [0.1, 5.0, 0.3, 0.2]
-    rows, _, _ = run_rollout("mopo", StepEnsemble(stds=stds), eta=0.7)
-    largest_elite_std = max(stds[m] for m in ELITES)
-    u = largest_elite_std * (1 + rows["obs"][:, 0].abs()) * math.sqrt(OBS_DIM)
+    rows, _, _ = run_rollout("mopo", StepEnsemble(stds=stds), eta=0.7, mopo_members=members)
+    largest_std = max(stds[m] for m in (ELITES if members == "elites" else range(len(stds))))
+    u = largest_std * (1 + rows["obs"][:, 0].abs()) * math.sqrt(OBS_DIM)
     # The states are noisy here, so the producing member shows in the reward: r + eta * u must be an elite's reward.
     model_reward = rows["rew"] + 0.7 * u
     assert ((model_reward[:, None] - REWARDS[ELITES]).abs().min(1).values < 1e-5).all()
@@ -536,6 +541,14 @@ def test_halting_is_on_by_default_and_runs_saved_before_it_never_halted():
     saved = asdict(drop.Args())
     del saved["halt_margin"]
     assert drop.args_from_dict(saved).halt_margin is None
+
+
+def test_mopo_takes_every_member_by_default_and_runs_saved_before_the_flag_kept_the_elites():
+    """A checkpoint without mopo_members comes from a MOPO run whose penalty took the elites: resuming it must too."""
+    assert tyro.cli(drop.Args, args=[]).mopo_members == "all"
+    saved = asdict(drop.Args(penalty="mopo"))
+    del saved["mopo_members"]
+    assert drop.args_from_dict(saved).mopo_members == "elites"
 
 
 # ---------------------------------------------------------------------------------------------

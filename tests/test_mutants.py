@@ -29,8 +29,11 @@ def dice_after_the_updates(source: str) -> str:
 MUTANTS = [
     ("drop.py", "penalty added instead of subtracted", "reward - args.eta * reward_penalty", "reward + args.eta * reward_penalty"),
     ("drop.py", "eta dropped", "reward - args.eta * reward_penalty", "reward - reward_penalty"),
-    ("dynamics.py", "MOPO: mean over elites", ".norm(dim=-1).max(0).values", ".norm(dim=-1).mean(0)"),
-    ("dynamics.py", "MOPO: all members", "_, logvar = self(obs, act, self.elites)", "_, logvar = self(obs, act)"),
+    ("dynamics.py", "MOPO: mean over the members", ".norm(dim=-1).max(0).values", ".norm(dim=-1).mean(0)"),
+    ("penalties.py", "MOPO: the elites by default", 'self.members = dynamics.elites if args.mopo_members == "elites" else None', "self.members = dynamics.elites"),
+    ("penalties.py", "MOPO: every member when the elites are asked for", 'self.members = dynamics.elites if args.mopo_members == "elites" else None', "self.members = None"),
+    ("drop.py", "old MOPO runs switch to every member on resume", '    values.setdefault("mopo_members", "elites")  # and took MOPO\'s penalty over the elites\n', ""),
+    ("dynamics.py", "MOPO: the members asked for ignored", "_, logvar = self(obs, act, members)", "_, logvar = self(obs, act, self.elites)"),
     ("dynamics.py", "MOPO: max std instead of its norm", ".norm(dim=-1).max(0).values", ".amax(dim=-1).max(0).values"),
     ("penalties.py", "penalty from head 0 for every sample", "tau = groups.gather(self.net.ratio(groups.scatter(obs), groups.scatter(act)))", "tau = self.net.ratio(obs, act)[0]"),
     ("penalties.py", "penalty from the mean of the heads", "tau = groups.gather(self.net.ratio(groups.scatter(obs), groups.scatter(act)))", "tau = self.net.ratio(obs, act).mean(0)"),
