@@ -12,7 +12,8 @@ clip(tau_k(s, a)), MOPO's the largest std norm over the elites, both from the sa
 Fig. 3: UMAP of dataset state-actions with KDE contours of their density, and 500 rollout samples
 projected with the same map, coloured yellow to red by penalty.
 
-Drift: the run's policy in MuJoCo itself for --drift-steps steps from --drift-starts dataset states,
+Drift: the run's policy in MuJoCo itself for --drift-steps steps from --drift-starts dataset states
+(`--drift-from episode-starts`: the data's episode starts, where evaluation sets off),
 as evaluation runs it. Per step: the true reward, the ensemble's reward for the same (s, a), and the
 ensemble's next-state error. Training only ever sees h model steps from dataset states; this shows
 what the policy does after them, and whether the model saw it coming.
@@ -34,6 +35,7 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -69,6 +71,8 @@ class Args:
     """dataset states the policy is run from in MuJoCo for drift.png (0: no drift)"""
     drift_steps: int = 100
     """MuJoCo steps from each of them (an episode that terminates ends earlier)"""
+    drift_from: Literal["dataset", "episode-starts"] = "dataset"
+    """drift's start states: any dataset state, or the data's episode starts, where evaluation starts (a policy may walk on from mid-stride yet not set off)"""
     separation_steps: int = 2000
     """Adam steps of each fresh classifier of model-buffer against dataset samples (0: no separation)"""
     fig3: bool = True
@@ -290,6 +294,15 @@ def evaluate_set(
     }
 
 
+DRIFT_FROM = {"dataset": "dataset states", "episode-starts": "the data's episode starts"}
+
+
+def drift_start_rows(data, kind: str, count: int, rng: np.random.Generator) -> np.ndarray:
+    """The dataset rows drift starts from: `count` of any rows, or of the first rows of the finished episodes."""
+    rows = np.arange(len(data)) if kind == "dataset" else np.array([e.start for e in data.episode_slices()])
+    return rows[rng.choice(len(rows), min(count, len(rows)), replace=False)]
+
+
 @torch.no_grad()
 def real_drift(run: Run, qpos: np.ndarray, qvel: np.ndarray, steps: int) -> dict[str, np.ndarray]:
     """The run's deterministic policy in MuJoCo for `steps` steps from each state (qpos, qvel). Per
@@ -437,13 +450,13 @@ def plot_drift(summary: dict, dataset_error: float, horizon: int, path: str, tit
             )
     for ax in (reward_ax, error_ax, penalty_ax):
         ax.axvline(horizon, color="gray", ls="--", lw=0.8, label=f"rollout horizon h = {horizon}")
-        ax.set_xlabel("MuJoCo step from a dataset state")
+        ax.set_xlabel("MuJoCo step from a start state")
         ax.legend(fontsize=8)
     reward_ax.set_ylabel("reward per step, mean over starts")
     error_ax.set_ylabel("next-state error ||mean_k(s, a) - T(s, a)||")
     penalty_ax.set_ylabel("penalty u(s, a) (reward - eta u), as in training")
     fig.suptitle(
-        f"{title}\nthe policy from {summary['starts']} dataset states; {summary['running_at_end']:.0%} still running at step {summary['steps']}",
+        f"{title}\nthe policy from {summary['starts']} of {summary['from']}; {summary['running_at_end']:.0%} still running at step {summary['steps']}",
         fontsize=9,
     )
     fig.tight_layout()
@@ -645,12 +658,12 @@ def main(args: Args):
         drift, drift_stats = {}, None
         if args.drift_starts:
             tick = time.perf_counter()
-            starts = rng.choice(len(run.data), min(args.drift_starts, len(run.data)), replace=False)
+            starts = drift_start_rows(run.data, args.drift_from, args.drift_starts, rng)
             _, qpos, qvel = true_states(
                 run, run.data.observations[starts], None if stored is None else (stored[0][starts], stored[1][starts])
             )
             drift = real_drift(run, qpos, qvel, args.drift_steps)
-            drift_stats = drift_summary(drift, float(run.data.rewards.mean()))
+            drift_stats = drift_summary(drift, float(run.data.rewards.mean())) | {"from": DRIFT_FROM[args.drift_from]}
             plot_drift(
                 drift_stats, stats["dataset"]["error_mean"], run.args.horizon, os.path.join(out, "drift.png"), title
             )
@@ -715,7 +728,7 @@ def main(args: Args):
     if drift_stats:
         d = drift_stats
         print(
-            f"drift: the policy in MuJoCo from {d['starts']} dataset states earns {d['true_reward_first_10']:.2f} a step over the first 10 steps "
+            f"drift: the policy in MuJoCo from {d['starts']} of {d['from']} earns {d['true_reward_first_10']:.2f} a step over the first 10 steps "
             f"and {d['true_reward_all']:.2f} over {d['steps']} (the data's mean: {d['data_reward_mean']:.2f}); the ensemble says "
             f"{d['model_reward_first_10']:.2f} and {d['model_reward_all']:.2f}, with next-state error {d['error_first_10']:.3f} and "
             f"{d['error_all']:.3f} (dataset samples: {stats['dataset']['error_mean']:.3f}); {d['running_at_end']:.0%} still running at the end; "

@@ -177,6 +177,32 @@ def test_drift_replays_recorded_episodes_to_their_end():
             assert np.isnan(values[row, length:]).all()
 
 
+def test_drift_starts_from_any_row_or_from_the_first_rows_of_the_episodes():
+    """episode-starts draws only first rows of finished episodes, each once; dataset draws any rows as before.
+    Catches: episode ends taken for starts, the unfinished tail taken, a different draw for the default."""
+    terminals, timeouts = np.zeros(50, dtype=bool), np.zeros(50, dtype=bool)
+    terminals[[9, 24]], timeouts[39] = True, True  # episodes 0-9, 10-24, 25-39; rows 40-49 unfinished
+    zeros = np.zeros((50, 3), dtype=np.float32)
+    data = datasets.OfflineDataset(
+        zeros,
+        zeros,
+        np.zeros(50),
+        zeros,
+        terminals,
+        timeouts,
+        "toy",
+        "hopper-medium",
+        "hopper",
+        "Hopper-v4",
+        "file",
+        "toy.hdf5",
+    )
+    starts = diagnostics.drift_start_rows(data, "episode-starts", 10, np.random.default_rng(0))
+    assert sorted(starts.tolist()) == [0, 10, 25]
+    rows = diagnostics.drift_start_rows(data, "dataset", 7, np.random.default_rng(1))
+    assert rows.tolist() == np.random.default_rng(1).choice(50, 7, replace=False).tolist()
+
+
 def test_drift_summary_averages_over_the_starts_still_running():
     true_reward = np.array([[1.0] * 12, [3.0] * 2 + [np.nan] * 10])
     summary = diagnostics.drift_summary(
