@@ -294,7 +294,7 @@ def evaluate_set(
     }
 
 
-DRIFT_FROM = {"dataset": "dataset states", "episode-starts": "the data's episode starts"}
+DRIFT_FROM = {"dataset": "dataset states", "episode-starts": "episode starts of the data"}
 
 
 def drift_start_rows(data, kind: str, count: int, rng: np.random.Generator) -> np.ndarray:
@@ -456,7 +456,7 @@ def plot_drift(summary: dict, dataset_error: float, horizon: int, path: str, tit
     error_ax.set_ylabel("next-state error ||mean_k(s, a) - T(s, a)||")
     penalty_ax.set_ylabel("penalty u(s, a) (reward - eta u), as in training")
     fig.suptitle(
-        f"{title}\nthe policy from {summary['starts']} of {summary['from']}; {summary['running_at_end']:.0%} still running at step {summary['steps']}",
+        f"{title}\nthe policy from {summary['starts']} {summary['from']}; {summary['running_at_end']:.0%} still running at step {summary['steps']}",
         fontsize=9,
     )
     fig.tight_layout()
@@ -728,7 +728,7 @@ def main(args: Args):
     if drift_stats:
         d = drift_stats
         print(
-            f"drift: the policy in MuJoCo from {d['starts']} of {d['from']} earns {d['true_reward_first_10']:.2f} a step over the first 10 steps "
+            f"drift: the policy in MuJoCo from {d['starts']} {d['from']} earns {d['true_reward_first_10']:.2f} a step over the first 10 steps "
             f"and {d['true_reward_all']:.2f} over {d['steps']} (the data's mean: {d['data_reward_mean']:.2f}); the ensemble says "
             f"{d['model_reward_first_10']:.2f} and {d['model_reward_all']:.2f}, with next-state error {d['error_first_10']:.3f} and "
             f"{d['error_all']:.3f} (dataset samples: {stats['dataset']['error_mean']:.3f}); {d['running_at_end']:.0%} still running at the end; "
