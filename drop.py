@@ -159,6 +159,10 @@ def settings(args: Args, task: str) -> tuple[Args, str]:
         impossible.append(f"--clip {args.clip[0]} {args.clip[1]} (the lower bound below the upper)")
     if impossible:
         raise SystemExit(f"error: impossible {', '.join(impossible)}")
+    if args.mopo_members != "all" and args.penalty != "mopo":
+        raise SystemExit(
+            f"error: --mopo-members is MOPO's; --penalty {args.penalty} takes no member set (drop the flag, or use --penalty mopo)"
+        )
     if reason := penalty_class(args).refuse(args):
         raise SystemExit(f"error: {reason}")
     return args, source
@@ -168,7 +172,8 @@ def args_from_dict(values: dict) -> Args:
     """The Args of a saved run (`asdict(args)` in its checkpoint), older runs' names mapped to today's."""
     values = dict(values)
     values.setdefault("halt_margin", None)  # runs saved before the flag existed never halted
-    values.setdefault("mopo_members", "elites")  # and took MOPO's penalty over the elites
+    # MOPO runs saved before --mopo-members took the penalty over the elites
+    values.setdefault("mopo_members", "elites" if values.get("penalty") == "mopo" else "all")
     if values.get("dice_lambda") is None and values.get("dice", {}).get("lam") is not None:
         values["dice_lambda"] = values["dice"]["lam"]  # --dice.lam, before it became --dice-lambda
     return dataclass_from_dict(Args, values)

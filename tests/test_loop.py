@@ -549,6 +549,21 @@ def test_mopo_takes_every_member_by_default_and_runs_saved_before_the_flag_kept_
     saved = asdict(drop.Args(penalty="mopo"))
     del saved["mopo_members"]
     assert drop.args_from_dict(saved).mopo_members == "elites"
+    # a DROP or MBPO run had no member set: it resumes with the default, which settings() accepts
+    for penalty in ("drop", "none"):
+        saved = asdict(drop.Args(penalty=penalty))
+        del saved["mopo_members"]
+        resumed = drop.args_from_dict(saved)
+        assert resumed.mopo_members == "all"
+        drop.settings(resumed, "hopper-medium")
+
+
+@pytest.mark.parametrize("penalty", ["drop", "none"])
+def test_mopo_members_without_mopo_is_refused_in_one_line(penalty):
+    """--mopo-members chooses MOPO's member set; with another penalty it would be silently ignored."""
+    with pytest.raises(SystemExit, match=f"--mopo-members is MOPO's; --penalty {penalty} takes no member set"):
+        drop.settings(tyro.cli(drop.Args, args=["--penalty", penalty, "--mopo-members", "elites"]), "hopper-medium")
+    drop.settings(tyro.cli(drop.Args, args=["--penalty", "mopo", "--mopo-members", "elites"]), "hopper-medium")
 
 
 # ---------------------------------------------------------------------------------------------
