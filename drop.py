@@ -87,6 +87,8 @@ class Args:
     """SAC updates between model rollouts"""
     rollout_batch_size: int = 50_000
     """dataset start states per model rollout"""
+    episode_start_share: float = 0.0
+    """share of each rollout's start states drawn from the data's episode starts (a robot at rest, where evaluation starts) instead of from all rows; 0: all rows, as MBPO, MOPO and the authors"""
     halt_margin: float | None = 0.1
     """end a model rollout, as a termination, where its state leaves the data's range of each dimension widened by this fraction of it (None: never, as the authors and MBPO)"""
     model_retain_epochs: int = 5
@@ -151,6 +153,7 @@ def settings(args: Args, task: str) -> tuple[Args, str]:
         ("--eta", args.eta, args.eta >= 0, "at least 0"),
         ("--dice-steps", args.dice_steps, args.dice_steps >= 0, "at least 0"),
         ("--dice-lr", args.dice_lr, args.dice_lr > 0, "above 0"),
+        ("--episode-start-share", args.episode_start_share, 0 <= args.episode_start_share <= 1, "from 0 to 1"),
     ]
     impossible = [f"{flag} {value} ({rule})" for flag, value, holds, rule in rules if not holds]
     if args.halt_margin is not None and args.halt_margin < 0:
@@ -187,6 +190,14 @@ def real_buffer(data: OfflineDataset, device: torch.device) -> ReplayBuffer:
         *(as_tensor(x) for x in (data.observations, data.actions, data.rewards, data.next_observations, data.terminals))
     )
     return buffer
+
+
+def rollout_starts(real_size: int, episode_starts: torch.Tensor, args: Args, device: torch.device) -> torch.Tensor:
+    """The dataset rows an epoch's rollouts start from: uniform over the data, but for a share at its episode starts."""
+    rows = torch.randint(real_size, (args.rollout_batch_size,), device=device)
+    if at_rest := round(args.episode_start_share * args.rollout_batch_size):  # no draw at 0: runs stay as they were
+        rows[:at_rest] = episode_starts[torch.randint(len(episode_starts), (at_rest,))].to(device)
+    return rows
 
 
 def rollout_termination(family: str, real_obs: torch.Tensor, halt_margin: float | None):
@@ -338,6 +349,9 @@ def main(given: Args):
         raise SystemExit(
             f"error: the dataset {data.path} changed since {args.resume} started; resume needs the same data"
         )
+    episode_starts = torch.tensor([episode.start for episode in data.episode_slices()], dtype=torch.long)
+    if args.episode_start_share and not len(episode_starts):
+        raise SystemExit(f"error: --episode-start-share needs whole episodes; {data.name} marks no terminal or timeout")
     seed_everything(args.seed)
     device = pick_device(args.device)
     name = f"drop__{data.name.replace('/', '_')}__{args.penalty}__{args.seed}__{int(time.time())}"
@@ -400,7 +414,7 @@ def main(given: Args):
                 if step % args.rollout_freq == 0:
                     # A NaN from the updates is named as such, not by the rollout it spoils.
                     check_finite(progress.sac_means(), "sac/", epoch, run_dir)
-                    start_obs = real_obs[torch.randint(real.size, (args.rollout_batch_size,), device=device)]
+                    start_obs = real_obs[rollout_starts(real.size, episode_starts, args, device)]
                     summary = rollout(dynamics, agent.actor, penalty, start_obs, args, terminated_fn, model_buffer)
                     progress.rollouts.append(summary)
                     check_finite(summary, "rollout/", epoch, run_dir)

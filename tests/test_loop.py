@@ -348,14 +348,18 @@ def test_model_buffer_keeps_retain_epochs_of_rollouts():
 # The order of one epoch, watched on a tiny real run.
 
 
-def test_epoch_order_dice_then_rollout_then_updates_under_the_current_policy(hopper_file, tmp_path, monkeypatch):
+@pytest.mark.parametrize("episode_start_share", [0.0, 0.5])
+def test_epoch_order_dice_then_rollout_then_updates_under_the_current_policy(
+    hopper_file, tmp_path, monkeypatch, episode_start_share
+):
     """Per epoch: DICE trained (dice_steps, under the current policy), then rollouts every rollout_freq updates, each
     update on a batch with int(batch * real_ratio) rows of real data; DICE pretrained once, before epoch 1.
 
     Catches: DICE after the rollout it penalises (or after the updates, Algorithm 1's order), DICE on a stale
     copy of the policy, DICE skipped or trained only once, the pretraining dropped, rollouts at another rate,
     real data left out of the batches in the loop itself, DICE's start states s0 other than the data's,
-    rollouts that start at fixed or non-data states, evaluation resets not seeded from the run's seed.
+    rollouts that start at fixed or non-data states, evaluation resets not seeded from the run's seed;
+    with --episode-start-share, that share of each rollout's starts not at the data's episode starts.
     """
     monkeypatch.chdir(tmp_path)
     events, agents = [], []
@@ -401,17 +405,45 @@ def test_epoch_order_dice_then_rollout_then_updates_under_the_current_policy(hop
     argv = ["--env", "hopper-medium-v2", "--dataset", hopper_file, "--epochs", "2", "--steps-per-epoch", "6", "--rollout-freq", "3",
             "--dice-steps", "4", "--dice.pretrain-steps", "7", "--real-ratio", "0.25", "--sac.batch-size", "16", "--eval-every", "2",
             "--eval-episodes", "1", "--rollout-batch-size", "50", "--sac.hidden", "16", "--dice.hidden", "8", "--dynamics.num-members", "3",
-            "--dynamics.num-elites", "2", "--dynamics.hidden", "16", "--dynamics.max-epochs", "1", "--run-name", "order", "--seed", "3"]  # fmt: skip
+            "--dynamics.num-elites", "2", "--dynamics.hidden", "16", "--dynamics.max-epochs", "1", "--run-name", "order", "--seed", "3",
+            "--episode-start-share", str(episode_start_share)]  # fmt: skip
     drop.main(tyro.cli(drop.Args, args=argv))
     update = ("update", 4)  # int(16 * 0.25) real rows
     epoch = [("dice", 4, True), ("rollout",), update, update, update, ("rollout",), update, update, update]
     assert events == [("dice", 7, True), *epoch, *epoch, ("evaluate", 1, 3000)]
     # DICE's data and its start states s0 are the dataset's states; each rollout starts at 50 dataset states drawn anew.
     assert dice_data == [True] * 3 and len(rollout_starts) == 4
+    episode_starts = [episode.start for episode in data.episode_slices()]
+    at_rest = int(50 * episode_start_share)
     for start_obs in rollout_starts:
         rows = (start_obs[:, None, :] == real_obs[None]).all(-1).float().argmax(1)
-        assert torch.equal(start_obs, real_obs[rows]) and rows.max() > len(real_obs) // 2
+        assert torch.equal(start_obs, real_obs[rows]) and rows[at_rest:].max() > len(real_obs) // 2
+        assert all(row in episode_starts for row in rows[:at_rest].tolist())
+        assert not all(row in episode_starts for row in rows[at_rest:].tolist())
     assert not torch.equal(rollout_starts[0], rollout_starts[1])
+
+
+def test_rollout_starts_take_their_share_of_episode_starts_and_none_draws_as_before():
+    """At 0 the rows are torch.randint's alone, so runs before the flag are repeated bit for bit."""
+    episode_starts = torch.tensor([0, 40, 95])
+    starts = lambda share, size=1000: drop.rollout_starts(
+        100, episode_starts, drop.Args(episode_start_share=share, rollout_batch_size=size), torch.device("cpu")
+    )
+    torch.manual_seed(0)
+    uniform = torch.randint(100, (1000,))
+    torch.manual_seed(0)
+    assert torch.equal(starts(0.0), uniform)
+    torch.manual_seed(0)
+    mixed = starts(0.25)
+    assert torch.equal(mixed[250:], uniform[250:]) and torch.isin(mixed[:250], episode_starts).all()
+    assert set(mixed[:250].tolist()) == {0, 40, 95}
+    assert torch.isin(starts(1.0), episode_starts).all() and torch.isin(starts(0.3, size=10)[:3], episode_starts).all()
+
+
+@pytest.mark.parametrize("share", [-0.1, 1.5])
+def test_an_impossible_episode_start_share_is_refused_in_one_line(share):
+    with pytest.raises(SystemExit, match=f"impossible --episode-start-share {share} \\(from 0 to 1\\)"):
+        drop.settings(tyro.cli(drop.Args, args=["--episode-start-share", str(share)]), "hopper-medium")
 
 
 def test_return_bound_is_the_data_reward_plus_eta_times_the_largest_penalty_over_one_minus_gamma():
