@@ -116,6 +116,10 @@ class OfflineDataset:
         starts = np.concatenate([[0], ends[:-1]])
         return [slice(int(start), int(end)) for start, end in zip(starts, ends)]
 
+    def episode_starts(self) -> np.ndarray:
+        """First row of each episode that ends in a termination or a timeout."""
+        return np.array([episode.start for episode in self.episode_slices()], dtype=np.int64)
+
     def episode_returns(self) -> np.ndarray:
         """Undiscounted return of each finished episode."""
         return np.array([self.rewards[episode].sum(dtype=np.float64) for episode in self.episode_slices()])

@@ -299,7 +299,7 @@ DRIFT_FROM = {"dataset": "dataset states", "episode-starts": "episode starts of 
 
 def drift_start_rows(data, kind: str, count: int, rng: np.random.Generator) -> np.ndarray:
     """The dataset rows drift starts from: `count` of any rows, or of the first rows of the finished episodes."""
-    rows = np.arange(len(data)) if kind == "dataset" else np.array([e.start for e in data.episode_slices()])
+    rows = np.arange(len(data)) if kind == "dataset" else data.episode_starts()
     return rows[rng.choice(len(rows), min(count, len(rows)), replace=False)]
 
 

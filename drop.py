@@ -349,7 +349,7 @@ def main(given: Args):
         raise SystemExit(
             f"error: the dataset {data.path} changed since {args.resume} started; resume needs the same data"
         )
-    episode_starts = torch.tensor([episode.start for episode in data.episode_slices()], dtype=torch.long)
+    episode_starts = torch.from_numpy(data.episode_starts())
     if args.episode_start_share and not len(episode_starts):
         raise SystemExit(f"error: --episode-start-share needs whole episodes; {data.name} marks no terminal or timeout")
     seed_everything(args.seed)

@@ -254,6 +254,7 @@ def test_minari_dataset_is_flattened_within_episodes(tmp_path, monkeypatch):
         np.testing.assert_allclose(data.next_observations[row : row + steps], episode["observations"][1:], rtol=1e-6)
         row += steps
     assert [s.stop - s.start for s in data.episode_slices()] == [len(e["actions"]) for e in episodes]
+    assert data.episode_starts().tolist() == np.cumsum([0] + [len(e["actions"]) for e in episodes[:-1]]).tolist()
     env = datasets.make_eval_env(data, seed=0)
     assert env.spec.id == "Hopper-v5"
     env.close()
