@@ -26,6 +26,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -39,7 +40,7 @@ import torch
 import tyro
 
 import drop
-from checkpoint import flat_fields
+from checkpoint import StopOnSignal, flat_fields
 from datasets import DatasetError, _parse_name, load_dataset, normalized_score
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -319,24 +320,58 @@ class ScriptFailed(Exception):
     """The script exited with an error (or the dataset is unusable): it would fail again, so no retry."""
 
 
+class ScriptStopped(Exception):
+    """The script stopped cleanly on Ctrl-C or SIGTERM and saved its state, or was not started because
+    the sweep is stopping: not a failure, and the same command carries on from there."""
+
+
+# drop.py and dynamics.py exit with 128 + the signal after saving their state on SIGINT or SIGTERM.
+STOP_EXIT_CODES = (128 + signal.SIGINT, 128 + signal.SIGTERM)
+
+
+def stop_file(sweep_dir: str) -> str:
+    """While this file exists the sweep is stopping: running scripts are asked to stop and no new one
+    starts. A file and not a message, so that the runs on every node of a cluster see it."""
+    return os.path.join(sweep_dir, "logs", "stopping")
+
+
 def run_script(argv: list[str], cwd: str, log_path: str, threads: int):
     """`python argv...` in cwd with `threads` torch threads, its output in log_path, and a record of where it ran.
 
     Ray runs each worker in its own process group and kills the group when the worker dies, so
     the script never outlives a killed worker and races its own retry (test_sweep.py checks this).
+    Once the sweep is stopping (`stop_file`), the script gets a SIGTERM and saves its state.
     """
+    script, stopping = os.path.basename(argv[0]), stop_file(cwd)
+    if os.path.exists(stopping):
+        raise ScriptStopped(f"{script} not started: the sweep is stopping")
     env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     started = time.time()
-    with open(log_path, "w") as log:
-        result = subprocess.run([sys.executable, *argv], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if result.returncode < 0:
-        raise ScriptKilled(f"{os.path.basename(argv[0])} was killed by signal {-result.returncode}; log: {log_path}")
-    if result.returncode != 0:
+    with (
+        open(log_path, "w") as log,
+        subprocess.Popen([sys.executable, *argv], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT) as process,
+    ):
+        try:
+            asked_to_stop = False
+            while process.poll() is None:
+                if not asked_to_stop and os.path.exists(stopping):
+                    process.send_signal(signal.SIGTERM)
+                    asked_to_stop = True
+                time.sleep(0.5)
+        except BaseException:  # the worker is being torn down: the script must not outlive it
+            process.kill()
+            raise
+    if asked_to_stop and process.returncode == -signal.SIGTERM:  # stopped before it could save anything
+        raise ScriptStopped(f"{script} stopped while starting")
+    if process.returncode < 0:
+        raise ScriptKilled(f"{script} was killed by signal {-process.returncode}; log: {log_path}")
+    if process.returncode != 0:
         with open(log_path) as log:
             last_line = next((line.strip() for line in reversed(log.readlines()) if line.strip()), "")
-        raise ScriptFailed(
-            f"{os.path.basename(argv[0])} exited with {result.returncode}: {last_line} (log: {log_path})"
-        )
+        if process.returncode in STOP_EXIT_CODES:  # stopped by us or by hand: start no more runs
+            open(stopping, "a").close()
+            raise ScriptStopped(f"{script} {last_line}")
+        raise ScriptFailed(f"{script} exited with {process.returncode}: {last_line} (log: {log_path})")
     record = {"host": socket.gethostname(), "wall_seconds": time.time() - started, "command": argv}
     with open(log_path.removesuffix(".log") + ".json", "w") as file:
         json.dump(record, file)
@@ -649,7 +684,8 @@ def start_ray(address: str | None, num_cpus: int | None):
 
 @contextlib.contextmanager
 def interrupt_message(bar):
-    """Ctrl-C ends the sweep with one line instead of a traceback from inside Ray; Ray stops the runs."""
+    """A second Ctrl-C ends the sweep at once with one line instead of a traceback from inside Ray; Ray
+    kills the runs, which lose what they did since their last checkpoint."""
     try:
         yield
     except KeyboardInterrupt:
@@ -660,9 +696,12 @@ def interrupt_message(bar):
 
 def run_grid(
     args: Args, passthrough: list[str], runs: list[Run], sweep_dir: str
-) -> tuple[dict[Run, dict], list[str], dict[str, float]]:
+) -> tuple[dict[Run, dict], list[str], list[str], dict[str, float]]:
     """Every run of the grid that is not finished, on Ray: each run's results row, the failed runs,
-    and the own score of each dataset prepared."""
+    the stopped runs, and the own score of each dataset prepared.
+
+    Ctrl-C or SIGTERM stops the sweep cleanly: every running script saves its state and stops, no
+    new one starts, and the same command carries on from there. So does a run's drop.py stopped by hand."""
     from tqdm import tqdm
 
     dynamics_flags = [
@@ -676,6 +715,8 @@ def run_grid(
         start_ray(args.address, args.num_cpus)
         for sub in ("runs", "dynamics", "logs"):
             os.makedirs(os.path.join(sweep_dir, sub), exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):  # the last command's stop: this one carries on
+            os.remove(stop_file(sweep_dir))
     resources = {"num_cpus": args.cpus_per_run, "num_gpus": args.gpus_per_run}
     retry = {"max_retries": args.max_retries, "retry_exceptions": [ScriptKilled]}
     data_task = ray.remote(prepare_dataset).options(num_cpus=1, **retry)
@@ -698,20 +739,29 @@ def run_grid(
     print(f"sweep {args.name}: {len(runs)} runs, {len(finished)} already finished, {len(pending)} to run, "
           f"{to_train} dynamics ensembles to train; {args.cpus_per_run} CPU(s) per run; output in {sweep_dir}")  # fmt: skip
     rows = {run: result_row(run, sweep_dir) for run in finished}
-    failed = []
+    failed, stopped = [], []
     with (
         tqdm(total=len(runs), initial=len(finished), desc=f"sweep {args.name}", unit="run") as bar,
         interrupt_message(bar),
+        StopOnSignal("sweep's running scripts save their state; no new run starts") as stop,
     ):
         while pending:
-            [ref], _ = ray.wait(list(pending), num_returns=1)
-            run = pending.pop(ref)
+            if stop.requested and not os.path.exists(stop_file(sweep_dir)):
+                open(stop_file(sweep_dir), "a").close()  # the scripts' tasks see it and pass the signal on
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)  # a timeout, to see a stop soon
+            if not done:
+                continue
+            run = pending.pop(done[0])
             try:
-                ray.get(ref)
+                ray.get(done[0])
             except ray.exceptions.RayError as e:  # after Ray's retries
                 reason = getattr(e, "cause", None) or e
-                failed.append(f"{run.name}: {' '.join(str(reason).split())}")
-                bar.write(f"FAILED {failed[-1]}")
+                if isinstance(reason, ScriptStopped):
+                    stopped.append(run.name)
+                    bar.write(f"stopped {run.name}: {' '.join(str(reason).split())}")
+                else:
+                    failed.append(f"{run.name}: {' '.join(str(reason).split())}")
+                    bar.write(f"FAILED {failed[-1]}")
             else:
                 rows[run] = row = result_row(run, sweep_dir)
                 bar.write(
@@ -725,7 +775,7 @@ def run_grid(
             prepared[env] = ray.get(ref)
         except ray.exceptions.RayError:  # its runs failed and are listed; the figure draws no data line for it
             pass
-    return rows, failed, prepared
+    return rows, failed, stopped, prepared
 
 
 def main(args: Args, passthrough: list[str]) -> list[dict]:
@@ -749,9 +799,9 @@ def main(args: Args, passthrough: list[str]) -> list[dict]:
             run: row for run, row in kept_rows(sweep_dir, runs).items() if run not in rows
         }  # a run's own folder wins
         rows |= kept
-        failed, prepared = [], {}
+        failed, stopped, prepared = [], [], {}
     else:
-        (rows, failed, prepared), kept = run_grid(args, passthrough, runs, sweep_dir), {}
+        (rows, failed, stopped, prepared), kept = run_grid(args, passthrough, runs, sweep_dir), {}
 
     rows = {run: rows[run] for run in runs if run in rows}  # in grid order
     if rows:
@@ -765,6 +815,10 @@ def main(args: Args, passthrough: list[str]) -> list[dict]:
     write_atomically(os.path.join(sweep_dir, "table.md"), table)
     plot_curves(os.path.join(sweep_dir, "curves.png"), runs, sweep_dir, record_data_scores(sweep_dir, prepared))
     print(table)
+    if stopped:
+        raise SystemExit(
+            f"stopped: {len(stopped)} of {len(runs)} runs saved their state or did not start; the same command carries on from there"
+        )
     if failed:
         raise SystemExit(
             f"error: {len(failed)} of {len(runs)} runs failed (listed in {sweep_dir}/table.md); run the same command again to retry them"

@@ -423,3 +423,95 @@ def test_the_data_scores_record_keeps_earlier_datasets(tmp_path):
     sweep.record_data_scores(str(tmp_path), {"a": 1.0, "b": 2.0})
     assert sweep.record_data_scores(str(tmp_path), {"b": 3.0, "c": 4.0}) == {"a": 1.0, "b": 3.0, "c": 4.0}
     assert sweep.record_data_scores(str(tmp_path), {}) == {"a": 1.0, "b": 3.0, "c": 4.0}
+
+
+def script(tmp_path, body: str) -> str:
+    path = tmp_path / "script.py"
+    path.write_text(body)
+    return str(path)
+
+
+def test_a_script_stopped_by_a_signal_stops_the_sweep_and_one_that_fails_does_not(tmp_path):
+    """drop.py and dynamics.py exit with 128 + the signal after saving their state: not a failure, not
+    retried, and from then on no script of the sweep starts."""
+    (tmp_path / "logs").mkdir()
+    log = str(tmp_path / "logs/run.log")
+    with pytest.raises(sweep.ScriptFailed, match="exited with 3: broken"):
+        sweep.run_script([script(tmp_path, "print('broken'); raise SystemExit(3)")], str(tmp_path), log, 1)
+    assert not os.path.exists(sweep.stop_file(str(tmp_path)))
+    with pytest.raises(sweep.ScriptStopped, match="script.py stopped in epoch 2"):
+        sweep.run_script(
+            [script(tmp_path, "print('stopped in epoch 2'); raise SystemExit(128 + 15)")], str(tmp_path), log, 1
+        )
+    assert os.path.exists(sweep.stop_file(str(tmp_path)))
+    ran = tmp_path / "ran"
+    with pytest.raises(sweep.ScriptStopped, match="not started: the sweep is stopping"):
+        sweep.run_script([script(tmp_path, f"open({str(ran)!r}, 'w')")], str(tmp_path), log, 1)
+    assert not ran.exists()
+
+
+def test_a_running_script_is_asked_to_stop_once_the_sweep_stops(tmp_path):
+    (tmp_path / "logs").mkdir()
+    body = (
+        "import signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda signum, frame: (print('saved'), sys.exit(128 + signum)))\n"
+        "print('running', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    log = tmp_path / "logs/run.log"
+    threading.Timer(1.0, lambda: open(sweep.stop_file(str(tmp_path)), "a").close()).start()
+    started = time.monotonic()
+    with pytest.raises(sweep.ScriptStopped, match="saved"):
+        sweep.run_script([script(tmp_path, body)], str(tmp_path), str(log), 1)
+    assert time.monotonic() - started < 10
+
+
+def sigterm_once(ready, timeout: float = 120.0):
+    """SIGTERM to this process (the sweep's driver) once ready() holds."""
+
+    def wait_then_signal():
+        deadline = time.monotonic() + timeout
+        while not ready() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=wait_then_signal, daemon=True).start()
+
+
+def test_sigterm_to_the_sweep_saves_the_running_runs_and_starts_no_new_one(tiny_sweep, workdir):
+    """The first SIGTERM (or Ctrl-C) reaches each running drop.py, which saves its state; the queued
+    run does not start; the sweep ends with one line; the same command carries on."""
+    stopped_dir = workdir / "sweeps/stopped"
+    (stopped_dir / "dynamics").mkdir(parents=True)
+    shutil.copy(
+        workdir / "sweeps/tiny/dynamics/builtin-hopper-medium__seed0.pt", stopped_dir / "dynamics"
+    )  # no ensemble to train
+    argv = ["--envs", "builtin-hopper-medium", "--penalties", "drop", "mopo", "none", "--seeds", "0"]
+    argv += ["--name", "stopped", *TINY]
+    argv[argv.index("--epochs") + 1] = "300"  # about 30 s a run: signalled long before the end
+    stop_line = "^stopped: 3 of 3 runs saved their state or did not start; the same command carries on from there$"
+    training = lambda: list(stopped_dir.glob("runs/*/progress.csv"))
+
+    sigterm_once(lambda: len(training()) == 2)
+    with pytest.raises(SystemExit, match=stop_line):
+        run_sweep(argv)
+    started = sorted(path.parent.name for path in training())
+    assert len(started) == 2 and len(os.listdir(stopped_dir / "runs")) == 2  # the third was queued behind the 2 CPUs
+    stopped_at = {}
+    for name in started:
+        checkpoint = torch.load(stopped_dir / "runs" / name / "checkpoint.pt", weights_only=True)
+        assert not checkpoint["finished"] and checkpoint["epoch"] < 299
+        stopped_at[name] = checkpoint["epoch"]
+        assert "continue with: python drop.py --resume" in (stopped_dir / "logs" / f"{name}.log").read_text()
+    assert "Failed" not in (stopped_dir / "table.md").read_text()
+
+    rows = lambda: sum(len(path.read_text().splitlines()) for path in training())
+    evaluated = rows()
+    sigterm_once(lambda: rows() >= evaluated + 2)  # the same command: both runs carry on (the third waits again)
+    with pytest.raises(SystemExit, match=stop_line):
+        run_sweep(argv)
+    assert len(os.listdir(stopped_dir / "runs")) == 2
+    for name in started:
+        checkpoint = torch.load(stopped_dir / "runs" / name / "checkpoint.pt", weights_only=True)
+        assert checkpoint["epoch"] > stopped_at[name]
+        assert [entry["epoch"] for entry in checkpoint["eval_history"]] == list(range(len(checkpoint["eval_history"])))
