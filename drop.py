@@ -22,7 +22,8 @@ critic's health checks in health.py.
 import os
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
+from fnmatch import fnmatch
 from typing import Literal
 
 import numpy as np
@@ -141,6 +142,8 @@ def settings(args: Args, task: str) -> tuple[Args, str]:
     source = table.source + (
         f"; {', '.join('--' + name.replace('_', '-') for name in given)} from the command line" if given else ""
     )
+    if reason := ignored_flags(args):
+        raise SystemExit(f"error: {reason}")
     filled = {name: getattr(table, name) for name in TABLE_FIELDS if getattr(args, name) is None}
     if args.dice_lambda is None and preset_lambda(args.dice) is not None:
         filled["dice_lambda"] = preset_lambda(args.dice)  # --dice-lambda, else the preset's, else the table's
@@ -169,6 +172,29 @@ def settings(args: Args, task: str) -> tuple[Args, str]:
     if reason := penalty_class(args).refuse(args):
         raise SystemExit(f"error: {reason}")
     return args, source
+
+
+def ignored_flags(args: Args) -> str | None:
+    """Why ratio flags given to a penalty that does not read them would pass silently, or None. `args` as given, before the table fills them."""
+    given = [
+        name
+        for name in ("dice_steps", "dice_lr", "dice_lambda", "transform", "clip")
+        if getattr(args, name) is not None
+    ]
+    given += ["no_clip"] * args.no_clip
+    given += [
+        f"{prefix}.{f.name}"
+        for prefix, config in (("dice", args.dice), ("classifier", args.classifier))
+        for f in fields(config)
+        if getattr(config, f.name) != f.default
+    ]
+    reads = penalty_class(args).reads
+    ignored = ["--" + name.replace("_", "-") for name in given if not any(fnmatch(name, flag) for flag in reads)]
+    if not ignored:
+        return None
+    method = f"--penalty {args.penalty}" + (f" --ratio {args.ratio}" if args.penalty == "drop" else "")
+    one = len(ignored) == 1
+    return f"{', '.join(ignored)} {'is' if one else 'are'} not read by {method} (drop {'it' if one else 'them'})"
 
 
 def args_from_dict(values: dict) -> Args:

@@ -17,7 +17,8 @@ def return_bound(data_rewards: torch.Tensor, largest_penalty: float, eta: float,
     return (data_rewards.abs().max().item() + abs(eta) * largest_penalty) / (1 - gamma)
 
 
-# The critic counts as diverging when |mean Q| stays above this many times the return bound for this many epochs.
+# The critic over-estimates when |mean Q| stays above the return bound itself for DIVERGING_EPOCHS epochs in
+# a row (no return the rewards allow reaches it), and diverges when it stays above Q_BOUND_FACTOR x the bound.
 Q_BOUND_FACTOR, DIVERGING_EPOCHS = 3.0, 3
 # Model rollouts count as far off the data when their largest |s| exceeds this many times the data's.
 FAR_STATE_FACTOR = 5.0
@@ -25,10 +26,14 @@ FAR_STATE_FACTOR = 5.0
 
 @dataclass
 class CriticHealth:
-    """What every report of a run states: SAC's largest epoch-mean critic loss and alpha, whether Q diverged, and how far the rollouts went."""
+    """What every report of a run states: SAC's largest epoch-mean critic loss and alpha, whether Q over-estimated or diverged, and how far the rollouts went."""
 
     max_critic_loss: float = 0.0
     max_alpha: float = 0.0
+    above_bound_since: int | None = None
+    """first epoch (0-based) of the current stretch with |mean Q| above the reward bound"""
+    overestimating_since: int | None = None
+    """above_bound_since of the first such stretch that lasted DIVERGING_EPOCHS epochs"""
     over_bound_since: int | None = None
     """first epoch (0-based) of the current stretch with |mean Q| above Q_BOUND_FACTOR x the reward bound"""
     diverging_since: int | None = None
@@ -38,23 +43,37 @@ class CriticHealth:
     far_states_since: int | None = None
     """the first epoch whose rollout states went beyond FAR_STATE_FACTOR x the data's largest |s|"""
 
+    def _stretch_lasted(self, epoch: int, beyond: bool, current: str, first: str) -> bool:
+        """Count the stretch of epochs `beyond` a limit in field `current`; True (once, recorded in `first`) when one first lasts DIVERGING_EPOCHS."""
+        if not beyond:
+            setattr(self, current, None)
+            return False
+        if getattr(self, current) is None:
+            setattr(self, current, epoch)
+        if getattr(self, first) is None and epoch + 1 - getattr(self, current) >= DIVERGING_EPOCHS:
+            setattr(self, first, getattr(self, current))
+            return True
+        return False
+
     def update(self, epoch: int, sac: dict[str, float], q_bound: float) -> str | None:
-        """Take one epoch's SAC means; returns the one-line warning when the critic has just been found diverging."""
+        """Take one epoch's SAC means; returns the one-line warning when the critic has just been found over-estimating or diverging."""
         self.max_critic_loss, self.max_alpha = (
             max(self.max_critic_loss, sac["critic_loss"]),
             max(self.max_alpha, sac["alpha"]),
         )
-        if abs(sac["q_mean"]) <= Q_BOUND_FACTOR * q_bound:
-            self.over_bound_since = None
-            return None
-        if self.over_bound_since is None:
-            self.over_bound_since = epoch
-        if self.diverging_since is None and epoch + 1 - self.over_bound_since >= DIVERGING_EPOCHS:
-            self.diverging_since = self.over_bound_since
+        q, figures = sac["q_mean"], f"critic loss {sac['critic_loss']:.3g}, alpha {sac['alpha']:.3g}"
+        overestimating = self._stretch_lasted(epoch, abs(q) > q_bound, "above_bound_since", "overestimating_since")
+        if self._stretch_lasted(epoch, abs(q) > Q_BOUND_FACTOR * q_bound, "over_bound_since", "diverging_since"):
             return (
-                f"warning: the critic is diverging: mean Q {sac['q_mean']:.3g} has been beyond {Q_BOUND_FACTOR:g} x (max|r| + eta x max penalty) / (1 - gamma) = "
-                f"{Q_BOUND_FACTOR * q_bound:.3g} since epoch {self.over_bound_since + 1} (critic loss {sac['critic_loss']:.3g}, alpha {sac['alpha']:.3g}); "
+                f"warning: the critic is diverging: mean Q {q:.3g} has been beyond {Q_BOUND_FACTOR:g} x (max|r| + eta x max penalty) / (1 - gamma) = "
+                f"{Q_BOUND_FACTOR * q_bound:.3g} since epoch {self.over_bound_since + 1} ({figures}); "
                 "its scores mean nothing (see sac/q_mean, sac/q_bound)"
+            )
+        if overestimating:
+            return (
+                f"warning: the critic over-estimates: mean Q {q:.3g} has been beyond (max|r| + eta x max penalty) / (1 - gamma) = "
+                f"{q_bound:.3g}, more than any return the rewards allow, since epoch {self.above_bound_since + 1} ({figures}); "
+                "the policy chases values it cannot earn (see sac/q_mean, sac/q_bound)"
             )
         return None
 
@@ -72,6 +91,11 @@ class CriticHealth:
         )
 
     def summary(self) -> str:
+        overestimated = (
+            f"; critic over-estimating since epoch {self.overestimating_since + 1}"
+            if self.overestimating_since is not None
+            else ""
+        )
         diverged = (
             f"; critic diverging since epoch {self.diverging_since + 1}" if self.diverging_since is not None else ""
         )
@@ -80,7 +104,7 @@ class CriticHealth:
             if self.far_states_since is not None
             else ""
         )
-        return f"largest critic loss {self.max_critic_loss:.3g}, largest alpha {self.max_alpha:.3g}, largest rollout |s| {self.max_state_abs:.3g}{diverged}{far}"
+        return f"largest critic loss {self.max_critic_loss:.3g}, largest alpha {self.max_alpha:.3g}, largest rollout |s| {self.max_state_abs:.3g}{overestimated}{diverged}{far}"
 
 
 def check_finite(values: dict[str, float], what: str, epoch: int, run_dir: str):

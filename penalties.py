@@ -24,6 +24,9 @@ from sac import ReplayBuffer, adam
 class NoPenalty:
     """MBPO: model rewards as the model predicts them."""
 
+    reads: tuple[str, ...] = ()
+    """the ratio settings it reads (Args field names, `dice.*` patterns): drop.py refuses any other given"""
+
     def __init__(
         self,
         args,
@@ -79,6 +82,8 @@ class MopoPenalty(NoPenalty):
 class RatioPenalty(NoPenalty):
     """DROP: eta multiplies transform(clip(tau)), tau read from the head of the elite that produced the sample."""
 
+    reads = ("dice_steps", "transform", "clip", "no_clip", "dice.preset", "dice.below_clip")
+
     net: GradientDICE | RatioClassifier
     optimizer: torch.optim.Optimizer
 
@@ -131,6 +136,8 @@ class RatioPenalty(NoPenalty):
 class DiceRatio(RatioPenalty):
     """The paper's estimator: GradientDICE, one head per elite, trained at dataset (s, a) with s' from that elite."""
 
+    reads = (*RatioPenalty.reads, "dice_lr", "dice_lambda", "dice.*")
+
     def __init__(self, args, dynamics, data_obs, data_act, model_buffer, policy):
         super().__init__(args, dynamics, data_obs, data_act, model_buffer, policy)
         self.config = resolve(args.dice)
@@ -159,6 +166,8 @@ class DiceRatio(RatioPenalty):
 
 class ClassifierRatio(RatioPenalty):
     """Ours (--ratio classifier): a logistic classifier of model-buffer against dataset samples, one head per elite."""
+
+    reads = (*RatioPenalty.reads, "classifier.*")
 
     def __init__(self, args, dynamics, data_obs, data_act, model_buffer, policy):
         super().__init__(args, dynamics, data_obs, data_act, model_buffer, policy)

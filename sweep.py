@@ -207,21 +207,30 @@ def drop_flags_checked(passthrough: list[str], default: drop.Args | None = None)
         ) from None
 
 
-def drop_variants(variants: tuple[str, ...]) -> list[tuple[str, tuple[str, ...]]]:
-    """The plain drop runs ("", no flags) and each NAME=FLAGS of --variants."""
-    parsed = [("", ())]
+def ratio_flags_apart(passthrough: list[str]) -> tuple[list[str], list[str]]:
+    """The pass-through flags every run takes, and those for DROP's ratio (--dice.*, --clip, ...), which only the drop runs take."""
+    shared, ratio_only = [], []
+    for group in split_flags(passthrough):
+        alone = drop_flags_checked(group)
+        (ratio_only if drop.ignored_flags(replace(alone, penalty="none")) else shared).extend(group)
+    return shared, ratio_only
+
+
+def drop_variants(variants: tuple[str, ...], ratio_flags: tuple[str, ...] = ()) -> list[tuple[str, tuple[str, ...]]]:
+    """The plain drop runs ("", `ratio_flags`) and each NAME=FLAGS of --variants (after `ratio_flags`)."""
+    parsed = [("", ratio_flags)]
     for variant in variants:
         name, equals, flags = variant.partition("=")
         if not equals or not name.replace("-", "").isalnum() or name in {n for n, _ in parsed}:
             raise SystemExit(
                 f"error: --variants {variant!r}: each variant is NAME=FLAGS with a new name of letters, digits and dashes, e.g. checked='--dice.preset checked'"
             )
-        parsed.append((name, tuple(flags.split())))
+        parsed.append((name, (*ratio_flags, *flags.split())))
     return parsed
 
 
-def plan(args: Args, drop_args: drop.Args) -> list[Run]:
-    """Every run of the grid, with the eta and epochs drop.py will use."""
+def plan(args: Args, drop_args: drop.Args, ratio_flags: tuple[str, ...] = ()) -> list[Run]:
+    """Every run of the grid, with the eta and epochs drop.py will use; the drop runs' own flags are `ratio_flags` and their variant's."""
     runs = []
     for env, penalty in itertools.product(args.envs, args.penalties):
         try:
@@ -229,7 +238,7 @@ def plan(args: Args, drop_args: drop.Args) -> list[Run]:
         except DatasetError as e:
             raise SystemExit(f"error: {e}")
         task = f"{parsed.family}-{parsed.kind}"
-        for variant, flags in drop_variants(args.variants) if penalty == "drop" else [("", ())]:
+        for variant, flags in drop_variants(args.variants, ratio_flags) if penalty == "drop" else [("", ())]:
             hp, _ = drop.settings(replace(drop_flags_checked(list(flags), drop_args), penalty=penalty), task)
             etas = (0.0,) if penalty == "none" else args.etas or (hp.eta,)
             for eta, seed in itertools.product(etas, args.seeds):
@@ -781,8 +790,10 @@ def run_grid(
 def main(args: Args, passthrough: list[str]) -> list[dict]:
     if args.address is not None and args.num_cpus is not None:
         raise SystemExit("error: --num-cpus sizes a local Ray; a cluster at --address has its own CPUs")
-    drop_args = drop_flags_checked(passthrough)
-    runs = plan(args, drop_args)
+    drop_flags_checked(passthrough)
+    shared_flags, ratio_flags = ratio_flags_apart(passthrough)
+    drop_args = drop_flags_checked(shared_flags)
+    runs = plan(args, drop_args, tuple(ratio_flags))
     sweep_dir = os.path.abspath(os.path.join("sweeps", args.name))
     refuse_changed_settings(sweep_dir, runs, drop_args)
     if args.report_only:
@@ -801,7 +812,7 @@ def main(args: Args, passthrough: list[str]) -> list[dict]:
         rows |= kept
         failed, stopped, prepared = [], [], {}
     else:
-        (rows, failed, stopped, prepared), kept = run_grid(args, passthrough, runs, sweep_dir), {}
+        (rows, failed, stopped, prepared), kept = run_grid(args, shared_flags, runs, sweep_dir), {}
 
     rows = {run: rows[run] for run in runs if run in rows}  # in grid order
     if rows:

@@ -491,7 +491,9 @@ def test_critic_health_warns_once_after_three_epochs_beyond_the_bound():
     assert (
         health.update(1, sac(-301.0), bound) is None and health.over_bound_since == 1
     )  # |Q|: a very negative critic diverges too
-    assert health.update(2, sac(400.0), bound) is None
+    assert health.update(2, sac(400.0), bound).startswith(
+        "warning: the critic over-estimates"
+    )  # three epochs above 1 x the bound
     assert (
         health.update(3, sac(100.0), bound) is None and health.over_bound_since is None
     )  # back within: the count starts again
@@ -503,8 +505,31 @@ def test_critic_health_warns_once_after_three_epochs_beyond_the_bound():
     assert (health.max_critic_loss, health.max_alpha, health.diverging_since) == (50.0, 7.0, 4)
     assert (
         health.summary()
-        == "largest critic loss 50, largest alpha 7, largest rollout |s| 0; critic diverging since epoch 5"
+        == "largest critic loss 50, largest alpha 7, largest rollout |s| 0; critic over-estimating since epoch 1; critic diverging since epoch 5"
     )
+
+
+def test_critic_health_warns_once_after_three_epochs_above_the_bound_itself():
+    """Mean Q above (max|r| + eta x max penalty) / (1 - gamma) is a value no return reaches: three epochs of it is over-estimation."""
+    health = CriticHealth()
+    sac = lambda q: {"q_mean": q, "critic_loss": 1.0, "alpha": 0.1}
+    assert [health.update(epoch, sac(q), 100.0) for epoch, q in enumerate([101.0, 150.0, 90.0, 101.0, 120.0])] == [
+        None
+    ] * 5
+    assert (
+        health.above_bound_since == 3 and health.overestimating_since is None
+    )  # the dip at epoch 2 restarted the count
+    warning = health.update(5, sac(-250.0), 100.0)
+    assert (
+        warning.startswith("warning: the critic over-estimates: mean Q -250")
+        and "since epoch 4" in warning
+        and "100" in warning
+    )
+    assert [health.update(epoch, sac(250.0), 100.0) for epoch in (6, 7, 8)] == [
+        None
+    ] * 3  # said once; never 3 x: not diverging
+    assert (health.overestimating_since, health.diverging_since) == (3, None)
+    assert health.summary().endswith("; critic over-estimating since epoch 4")
 
 
 def test_critic_health_warns_once_when_rollout_states_go_far_beyond_the_data():
@@ -632,7 +657,9 @@ def test_the_loop_never_names_a_penalty():
 
 
 class ConstantPenalty(penalties.NoPenalty):
-    """A penalty a fork might add: the same amount on every sample, and a count of its training calls."""
+    """A penalty a fork might add: the same amount on every sample, and a count of its training calls (--dice-steps of them)."""
+
+    reads = ("dice_steps",)
 
     trained = []
 
@@ -675,3 +702,30 @@ def test_a_new_penalty_is_one_class_and_one_registry_line(hopper_file, tmp_path,
     ]  # the pretraining (--dice.pretrain-steps), then each epoch's --dice-steps
     assert torch.allclose(stored[0], dynamics_rewards[0] - 2 * 0.25)
     assert logged_scalars(str(tmp_path / "runs" / "constant"))["penalty/steps"] == [3.0, 3.0]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--penalty", "mopo", "--dice.preset", "checked"], "--dice.preset is not read by --penalty mopo (drop it)"),
+    (["--penalty", "none", "--dice-lr", "1e-3", "--clip", "0.1", "2"], "--dice-lr, --clip are not read by --penalty none (drop them)"),
+    (["--penalty", "mopo", "--dice-steps", "5"], "--dice-steps is not read by --penalty mopo"),
+    (["--penalty", "mopo", "--transform", "log"], "--transform is not read by --penalty mopo"),
+    (["--penalty", "none", "--no-clip"], "--no-clip is not read by --penalty none"),
+    (["--penalty", "mopo", "--dice-lambda", "1"], "--dice-lambda is not read by --penalty mopo"),
+    (["--penalty", "mopo", "--classifier.lr", "0.1"], "--classifier.lr is not read by --penalty mopo"),
+    (["--classifier.hidden", "32"], "--classifier.hidden is not read by --penalty drop --ratio dice"),
+    (["--ratio", "classifier", "--dice.nu-lr", "0.1", "--dice-lr", "1e-3"], "--dice-lr, --dice.nu-lr are not read by --penalty drop --ratio classifier"),
+])  # fmt: skip
+def test_flags_the_run_would_ignore_are_refused_in_one_line(argv, words):
+    """A flag that changes nothing in the run it is given to must not pass silently: a sweep would mislabel its column."""
+    with pytest.raises(SystemExit, match="error: ") as error:
+        drop.settings(tyro.cli(drop.Args, args=argv), "hopper-medium")
+    assert words in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--penalty", "mopo"], ["--penalty", "none", "--eta", "0", "--horizon", "3"], ["--dice.preset", "checked", "--clip", "0.1", "5"],
+    ["--dice.nu-lr", "0.01", "--dice-lr", "1e-3", "--dice-lambda", "0.5", "--dice-steps", "3", "--no-clip", "--transform", "tanh-shift"],
+    ["--ratio", "classifier", "--dice.preset", "checked", "--dice.below-clip", "zero", "--classifier.lr", "0.01", "--clip", "0.1", "5"],
+])  # fmt: skip
+def test_flags_the_run_uses_are_taken(argv):
+    drop.settings(tyro.cli(drop.Args, args=argv), "hopper-medium")

@@ -306,6 +306,30 @@ def test_variants_are_columns_of_drop_runs_with_their_own_flags():
     ]  # fmt: skip
 
 
+def test_flags_for_drops_ratio_go_to_the_drop_runs_alone():
+    """drop.py refuses a ratio flag with --penalty mopo|none, so a sweep gives them to its drop runs (and their variants) only."""
+    passthrough = ["--dice-steps", "5", "--epochs", "4", "--clip", "0.1", "3", "--dice.nu-lr", "0.01", "--horizon", "7"]
+    shared, ratio_only = sweep.ratio_flags_apart(passthrough)
+    assert (shared, ratio_only) == (
+        ["--epochs", "4", "--horizon", "7"],
+        ["--dice-steps", "5", "--clip", "0.1", "3", "--dice.nu-lr", "0.01"],
+    )
+    args = tyro.cli(sweep.Args, args=["--envs", "builtin-hopper-medium", "--penalties", "drop", "mopo", "none", "--seeds", "0",
+                                      "--variants", "checked=--dice.preset checked"])  # fmt: skip
+    runs = sweep.plan(args, sweep.drop_flags_checked(shared), tuple(ratio_only))
+    assert [(r.penalty, r.variant, r.flags) for r in runs] == [
+        ("drop", "", tuple(ratio_only)), ("drop", "checked", (*ratio_only, "--dice.preset", "checked")), ("mopo", "", ()), ("none", "", ()),
+    ]  # fmt: skip
+
+
+def test_the_none_runs_took_none_of_drops_flags(tiny_sweep, workdir):
+    """TINY's --dice-steps 5 --dice.pretrain-steps 5 reached the drop runs and not the MBPO ones."""
+    for row in tiny_sweep[0]:
+        args = torch.load(workdir / "sweeps/tiny" / row["run_dir"] / "checkpoint.pt", weights_only=True)["args"]
+        drop_run = row["penalty"] == "drop"
+        assert (args["dice_steps"], args["dice"]["pretrain_steps"]) == ((5, 5) if drop_run else (None, 100))
+
+
 @pytest.mark.parametrize(
     "variant", ["checked", "=--ratio classifier", "a b=--ratio classifier", "x=--seed 3", "x=--no-such-flag"]
 )
