@@ -139,14 +139,9 @@ def bench_family(family: str, args: Args, device: torch.device) -> dict:
 
     runs = {}
     for name in PENALTIES:
+        ratio = dict(dice_steps=args.dice_steps, clip=(0.01, 10.0), transform="log") if name == "drop" else {}
         given = drop.Args(
-            penalty=name,
-            rollout_batch_size=args.rollout_batch_size,
-            sac=args.sac,
-            horizon=args.horizon,
-            dice_steps=args.dice_steps,
-            clip=(0.01, 10.0),
-            transform="log",
+            penalty=name, rollout_batch_size=args.rollout_batch_size, sac=args.sac, horizon=args.horizon, **ratio
         )
         drop_args, _ = drop.settings(given, f"{family}-medium")
         agent = SAC(obs_dim, act_dim, args.sac, device)

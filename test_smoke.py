@@ -11,7 +11,7 @@ import re
 
 import pytest
 import torch
-from test_drop import ROOT, TINY, hopper_file, run_script  # noqa: F401 (fixture)
+from test_drop import ROOT, hopper_file, run_script, tiny  # noqa: F401 (fixture)
 
 SCORE = re.compile(r"normalized score: (-?[\d.]+)")
 
@@ -29,7 +29,7 @@ def test_tiny_run_trains_checkpoints_and_scores(penalty, hopper_file, workdir):
         "hopper-medium-v2",
         "--dataset",
         hopper_file,
-        *TINY,
+        *tiny(penalty),
         "--penalty",
         penalty,
         "--run-name",

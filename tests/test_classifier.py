@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import tyro
-from test_drop import TINY, hopper_file  # noqa: F401 (fixture)
+from test_drop import TINY_ANY, hopper_file  # noqa: F401 (fixture)
 from test_known_answer import POLICY, medium_random_files
 
 import datasets
@@ -234,7 +234,9 @@ def test_drop_trains_with_the_classifier_and_logs_the_ratios_health(hopper_file,
                 "hopper-medium-v2",
                 "--dataset",
                 hopper_file,
-                *TINY,
+                *TINY_ANY,
+                "--dice-steps",
+                "5",
                 *flags,
                 "--rollout-batch-size",
                 "600",
