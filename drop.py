@@ -126,7 +126,9 @@ class Args:
     """settings of the classifier ratio (--ratio classifier)"""
 
 
-TABLE_FIELDS = ("horizon", "eta", "dice_steps", "dice_lr", "dice_lambda", "clip", "transform", "epochs")
+# The per-dataset table's fields; those of the ratio are read only by the penalties that name them (penalties.py).
+RATIO_FIELDS = ("dice_steps", "dice_lr", "dice_lambda", "clip", "transform")
+TABLE_FIELDS = ("horizon", "eta", *RATIO_FIELDS, "epochs")
 
 
 def settings(args: Args, task: str) -> tuple[Args, str]:
@@ -176,12 +178,7 @@ def settings(args: Args, task: str) -> tuple[Args, str]:
 
 def ignored_flags(args: Args) -> str | None:
     """Why ratio flags given to a penalty that does not read them would pass silently, or None. `args` as given, before the table fills them."""
-    given = [
-        name
-        for name in ("dice_steps", "dice_lr", "dice_lambda", "transform", "clip")
-        if getattr(args, name) is not None
-    ]
-    given += ["no_clip"] * args.no_clip
+    given = [name for name in RATIO_FIELDS if getattr(args, name) is not None] + ["no_clip"] * args.no_clip
     given += [
         f"{prefix}.{f.name}"
         for prefix, config in (("dice", args.dice), ("classifier", args.classifier))
