@@ -471,21 +471,27 @@ def kept_rows(sweep_dir: str, runs: list[Run]) -> dict[Run, dict]:
         if key in ("seed", "epochs")
         else float(value)
     )
-    return {
-        run: {key: as_number(key, value) for key, value in recorded[run_dir].items()}
-        for run in runs if (run_dir := os.path.join("runs", run.name)) in recorded
-    }  # fmt: skip
+    kept = {}
+    for run in runs:
+        if (run_dir := os.path.join("runs", run.name)) in recorded:
+            row = {key: as_number(key, value) for key, value in recorded[run_dir].items()}
+            # a column added since that results.csv was written: unknown for the lost run
+            unknown = {key: value for key, value in critic_columns(None).items() if key not in row}
+            kept[run] = row | unknown
+    return kept
 
 
 def critic_columns(health: dict | None) -> dict:
-    """SAC's largest epoch-mean critic loss and alpha, and the epoch (1-based) since which the critic diverged (0: never); NaN for checkpoints from before drop.py kept them."""
-    if health is None:
-        return {"max_critic_loss": float("nan"), "max_alpha": float("nan"), "diverging_since": float("nan")}
-    since = health["diverging_since"]
+    """SAC's largest epoch-mean critic loss and alpha, and the epochs (1-based) since which the critic's mean Q
+    stayed above the return bound (over-estimating) and above 3 times it (diverging); 0: never. NaN for checkpoints
+    from before drop.py kept them."""
+    health = health or {}
+    since = lambda key: float("nan") if key not in health else 0 if health[key] is None else health[key] + 1
     return {
-        "max_critic_loss": health["max_critic_loss"],
-        "max_alpha": health["max_alpha"],
-        "diverging_since": 0 if since is None else since + 1,
+        "max_critic_loss": health.get("max_critic_loss", float("nan")),
+        "max_alpha": health.get("max_alpha", float("nan")),
+        "overestimating_since": since("overestimating_since"),
+        "diverging_since": since("diverging_since"),
     }
 
 
@@ -576,25 +582,25 @@ def format_table(title: str, runs: list[Run], rows: dict[Run, dict], failed: lis
             lines.append(f"| {x} | {y} | {value:.2f} | [{low:.2f}, {high:.2f}] |")
     lines += [
         "",
-        "Every run's critic: SAC's largest epoch-mean critic loss and alpha, and the epoch since which its mean Q was diverging (drop.py's warning).",
+        "Every run's critic: SAC's largest epoch-mean critic loss and alpha, and the epochs since which its mean Q stayed above"
+        " the return bound (over-estimating) and above 3 times it (diverging), as drop.py warns.",
         "",
-        "| run | epochs | score | largest critic loss | largest alpha | diverging since |",
-        "|---|---|---|---|---|---|",
+        "| run | epochs | score | largest critic loss | largest alpha | over-estimating since | diverging since |",
+        "|---|---|---|---|---|---|---|",
     ]
     for run, row in rows.items():
-        since = (
-            "never"
-            if row["diverging_since"] == 0
-            else "—"
-            if math.isnan(row["diverging_since"])
-            else f"epoch {row['diverging_since']:.0f}"
-        )
         lines.append(
-            f"| {run.name} | {row['epochs']} | {row['normalized_score']:.1f} | {row['max_critic_loss']:.3g} | {row['max_alpha']:.3g} | {since} |"
+            f"| {run.name} | {row['epochs']} | {row['normalized_score']:.1f} | {row['max_critic_loss']:.3g} | {row['max_alpha']:.3g}"
+            f" | {since_epoch(row['overestimating_since'])} | {since_epoch(row['diverging_since'])} |"
         )
     if failed:
         lines += ["", f"Failed runs ({len(failed)}), left out above:", *[f"- {line}" for line in failed]]
     return "\n".join(lines) + "\n"
+
+
+def since_epoch(epoch: float) -> str:
+    """A critic column's epoch as the table shows it: 0 is never, NaN (a run from before drop.py kept it) a dash."""
+    return "—" if math.isnan(epoch) else "never" if epoch == 0 else f"epoch {epoch:.0f}"
 
 
 def record_data_scores(sweep_dir: str, scores: dict[str, float]) -> dict[str, float]:

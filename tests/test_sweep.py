@@ -207,6 +207,23 @@ def test_report_only_keeps_the_rows_of_runs_whose_folders_are_gone(tiny_sweep, w
     assert len(run_sweep(argv)) == len(tiny_sweep[0]) - 1
 
 
+def test_critic_columns_unknown_to_older_checkpoints_and_results_show_as_a_dash(tmp_path):
+    """A checkpoint or results.csv from before drop.py kept a critic column: the column is NaN (the table's dash), not never."""
+    health = {"max_critic_loss": 9.0, "max_alpha": 0.5, "diverging_since": None}
+    assert sweep.critic_columns(health | {"overestimating_since": 2})["overestimating_since"] == 3  # 1-based
+    columns = sweep.critic_columns(health)
+    assert np.isnan(columns["overestimating_since"]) and columns["diverging_since"] == 0
+    assert all(np.isnan(value) for value in sweep.critic_columns(None).values())
+    run = sweep.Run("hopper-medium-v2", "hopper-medium", "drop", 5.0, 0, 7, "drop")
+    older = {"dataset": "hopper-medium-v2", "penalty": "drop", "eta": 5.0, "seed": 0, "epochs": 7}
+    older |= {"normalized_score": 3.5, "wall_seconds": 1.0, "host": "h", "run_dir": os.path.join("runs", run.name)}
+    older |= {"max_critic_loss": 9.0, "max_alpha": 0.5, "diverging_since": 0}
+    sweep.write_csv(str(tmp_path / "results.csv"), [older])
+    (row,) = sweep.kept_rows(str(tmp_path), [run]).values()
+    assert np.isnan(row.pop("overestimating_since")) and row == older
+    assert [sweep.since_epoch(epoch) for epoch in (float("nan"), 0, 5)] == ["—", "never", "epoch 5"]
+
+
 @pytest.mark.parametrize("flag, old, new", [("--sac.hidden", "16", "32"), ("--dynamics.hidden", "8", "16")])
 def test_rerun_with_other_settings_is_refused(tiny_sweep, flag, old, new):
     """Finished runs and ensembles made with other flags would mix two experiments in one table."""
@@ -364,12 +381,15 @@ def test_table_puts_the_paper_beside_ours_and_leaves_gaps_visible():
         "epochs": 3,
         "max_critic_loss": 40.0 + i,
         "max_alpha": 0.5,
+        "overestimating_since": 1 if i == 1 else 4 if i == 2 else 0,
         "diverging_since": 2 if i == 1 else 0,
     }
     rows = {run: {"normalized_score": score, **health(i)} for i, (run, score) in enumerate(zip(runs, scores))}
     table = sweep.format_table("Sweep `t`", runs, rows, ["halfcheetah none seed 1: it broke"], reps=100)
-    assert f"| {runs[0].name} | 3 | 10.0 | 40 | 0.5 | never |" in table  # every run's critic, a diverged one marked
-    assert f"| {runs[1].name} | 3 | 20.0 | 41 | 0.5 | epoch 2 |" in table
+    # every run's critic, an over-estimating and a diverged one marked
+    assert f"| {runs[0].name} | 3 | 10.0 | 40 | 0.5 | never | never |" in table
+    assert f"| {runs[1].name} | 3 | 20.0 | 41 | 0.5 | epoch 1 | epoch 2 |" in table
+    assert f"| {runs[2].name} | 3 | 5.0 | 42 | 0.5 | epoch 4 | never |" in table  # over-estimating, not diverging
     assert "| hopper-medium-v2 | 15.0 ± 7.1 (2) | 5.0 ± 0.0 (2) | 52.1 | 26.3 | 4.9 |" in table
     assert "| builtin-halfcheetah-medium | 40.0 ± 14.1 (2) | 7.0 (1) | 50.2† | 42.3† | 28.3† |" in table
     assert "| drop | 25.0 |" in table  # IQM of 10, 20, 30, 50
