@@ -1,6 +1,8 @@
-"""Draws docs/figures/curves-external.png from the progress files beside this script, with sweep.py's plot.
+"""Draws docs/figures/curves-external.png from the progress files beside this script, with sweep.py's plot,
+and the reference's evaluations (OfflineRL-Kit's MOPO through ../shared/reference/peer_mopo.py) beside them.
 Run from the repository's root: python results/external-policies/draw_curves.py"""
 
+import csv
 import os
 import shutil
 import sys
@@ -11,12 +13,14 @@ sys.path.insert(0, os.getcwd())
 import sweep  # noqa: E402
 from tasks import task_defaults  # noqa: E402
 
-PROGRESS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "progress")
-# panel: (dataset, the horizon's part of the run names, the data's score)
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROGRESS, REFERENCE = os.path.join(HERE, "progress"), os.path.join(HERE, "reference")
+# panel: (dataset, the horizon's part of the run names, the data's score, the seeds drawn)
 PANELS = {
-    "hopper_online_5, h 5": ("hopper-medium-v2", "", 42.6),
-    "hopper_online_5, h 20": ("hopper-medium-v2", "h20", 42.6),
-    "walker_online_5, h 5": ("walker2d-medium-v2", "", 74.5),
+    "hopper_online_5, h 5": ("hopper-medium-v2", "", 42.6, (0, 1)),
+    "hopper_online_5, h 20": ("hopper-medium-v2", "h20", 42.6, (0, 1)),
+    "hopper_online_5, h 20, seed 0 alone": ("hopper-medium-v2", "h20", 42.6, (0,)),  # its runs went on to 200 epochs
+    "walker_online_5, h 5": ("walker2d-medium-v2", "", 74.5, (0, 1)),
 }
 # column: (penalty, run-name variant beside the horizon's)
 METHODS = {
@@ -28,12 +32,12 @@ METHODS = {
 
 with tempfile.TemporaryDirectory() as sweep_dir:
     runs = []
-    for panel, (env, horizon, _) in PANELS.items():
+    for panel, (env, horizon, _, seeds) in PANELS.items():
         task = env.removesuffix("-v2")
         for column, (penalty, variant) in METHODS.items():
             eta = task_defaults(task, penalty).eta  # as each run was named: with its table's eta
             variant = "-".join(filter(None, (variant, horizon)))  # e.g. checked-h20
-            for seed in range(10):
+            for seed in seeds:
                 recorded = sweep.Run(env, task, penalty, eta, seed, 0, column, variant)  # named as a sweep names it
                 progress = os.path.join(PROGRESS, f"{recorded.name}.csv")
                 if os.path.isfile(progress):
@@ -41,6 +45,20 @@ with tempfile.TemporaryDirectory() as sweep_dir:
                     os.makedirs(os.path.join(sweep_dir, "runs", run.name))
                     shutil.copy(progress, os.path.join(sweep_dir, "runs", run.name, "progress.csv"))
                     runs.append(run)
-    data_scores = {panel: score for panel, (_, _, score) in PANELS.items()}
+        # The reference writes 1-based epochs and "score"; drop.py 0-based epochs and "normalized_score".
+        reference_name = "-".join(filter(None, ("offlinerl-kit-mopo", horizon)))  # as the runs: no suffix at h 5
+        reference = os.path.join(REFERENCE, f"{env}__{reference_name}__seed0.csv")
+        if os.path.isfile(reference):
+            run = sweep.Run(panel, task, "mopo", 5.0, 0, 0, "reference: OfflineRL-Kit MOPO", "offlinerl-kit")
+            os.makedirs(os.path.join(sweep_dir, "runs", run.name))
+            with open(reference) as source, open(os.path.join(sweep_dir, "runs", run.name, "progress.csv"), "w") as out:
+                rows = [
+                    {"epoch": int(row["epoch"]) - 1, "normalized_score": row["score"]} for row in csv.DictReader(source)
+                ]
+                writer = csv.DictWriter(out, ["epoch", "normalized_score"])
+                writer.writeheader()
+                writer.writerows(rows)
+            runs.append(run)
+    data_scores = {panel: score for panel, (_, _, score, _) in PANELS.items()}
     sweep.plot_curves("docs/figures/curves-external.png", runs, sweep_dir, data_scores)
 print(f"docs/figures/curves-external.png: {len(runs)} runs")
