@@ -11,6 +11,7 @@ from dataclasses import replace
 
 sys.path.insert(0, os.getcwd())
 import sweep  # noqa: E402
+from checkpoint import write_progress  # noqa: E402
 from tasks import task_defaults  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -30,6 +31,13 @@ METHODS = {
     "MBPO": ("none", ""),
 }
 
+
+def progress_file(sweep_dir: str, run: sweep.Run) -> str:
+    """Where plot_curves reads the run's evaluations: runs/RUN/progress.csv of the sweep folder, made here."""
+    os.makedirs(os.path.join(sweep_dir, "runs", run.name))
+    return os.path.join(sweep_dir, "runs", run.name, "progress.csv")
+
+
 with tempfile.TemporaryDirectory() as sweep_dir:
     runs = []
     for panel, (env, horizon, _, seeds) in PANELS.items():
@@ -42,22 +50,18 @@ with tempfile.TemporaryDirectory() as sweep_dir:
                 progress = os.path.join(PROGRESS, f"{recorded.name}.csv")
                 if os.path.isfile(progress):
                     run = replace(recorded, env=panel)  # one panel per (data, horizon)
-                    os.makedirs(os.path.join(sweep_dir, "runs", run.name))
-                    shutil.copy(progress, os.path.join(sweep_dir, "runs", run.name, "progress.csv"))
+                    shutil.copy(progress, progress_file(sweep_dir, run))
                     runs.append(run)
         # The reference writes 1-based epochs and "score"; drop.py 0-based epochs and "normalized_score".
         reference_name = "-".join(filter(None, ("offlinerl-kit-mopo", horizon)))  # as the runs: no suffix at h 5
         reference = os.path.join(REFERENCE, f"{env}__{reference_name}__seed0.csv")
         if os.path.isfile(reference):
             run = sweep.Run(panel, task, "mopo", 5.0, 0, 0, "reference: OfflineRL-Kit MOPO", "offlinerl-kit")
-            os.makedirs(os.path.join(sweep_dir, "runs", run.name))
-            with open(reference) as source, open(os.path.join(sweep_dir, "runs", run.name, "progress.csv"), "w") as out:
+            with open(reference) as source:
                 rows = [
                     {"epoch": int(row["epoch"]) - 1, "normalized_score": row["score"]} for row in csv.DictReader(source)
                 ]
-                writer = csv.DictWriter(out, ["epoch", "normalized_score"])
-                writer.writeheader()
-                writer.writerows(rows)
+            write_progress(progress_file(sweep_dir, run), rows)  # drop.py's own format, the other columns left NaN
             runs.append(run)
     data_scores = {panel: score for panel, (_, _, score, _) in PANELS.items()}
     sweep.plot_curves("docs/figures/curves-external.png", runs, sweep_dir, data_scores)
