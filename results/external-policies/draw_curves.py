@@ -29,6 +29,7 @@ METHODS = {
     "DROP, checked preset": ("drop", "checked"),
     "MOPO": ("mopo", ""),
     "MBPO": ("none", ""),
+    "MOPO, the reference's SAC settings": ("mopo", "refsac"),  # h 20, seed 0 only: docs/learning.md
 }
 
 
