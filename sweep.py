@@ -633,8 +633,12 @@ def plot_curves(path: str, runs: list[Run], sweep_dir: str, behaviour_scores: di
     fig, axes = plt.subplots(
         nrows, ncols, figsize=(6.5 * ncols, 3.2 * nrows), squeeze=False
     )  # room for the legend beside each panel
+    from matplotlib.colors import to_hex
+
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = [color for color in cycle if to_hex(color) != "#7f7f7f"]  # gray is the data's line
     for ax, env in zip(axes.flat, envs):
-        for color, column in zip(plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4, columns):
+        for color, column in zip(colors * 4, columns):
             curves = [
                 read_progress(os.path.join(sweep_dir, "runs", run.name))
                 for run in runs

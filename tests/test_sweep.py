@@ -559,3 +559,28 @@ def test_sigterm_to_the_sweep_saves_the_running_runs_and_starts_no_new_one(tiny_
         checkpoint = torch.load(stopped_dir / "runs" / name / "checkpoint.pt", weights_only=True)
         assert checkpoint["epoch"] > stopped_at[name]
         assert [entry["epoch"] for entry in checkpoint["eval_history"]] == list(range(len(checkpoint["eval_history"])))
+
+
+def test_curves_draw_one_line_per_column_and_none_in_the_datas_gray(tmp_path, monkeypatch):
+    import matplotlib.figure
+    from matplotlib.colors import to_hex
+
+    from checkpoint import write_progress
+
+    runs = [sweep.Run("env", "hopper-medium", "drop", 1.0, 0, 2, f"column {i}", f"v{i}") for i in range(9)]
+    for i, run in enumerate(runs):
+        os.makedirs(tmp_path / "runs" / run.name)
+        rows = [{"epoch": epoch, "normalized_score": float(i + epoch)} for epoch in (0, 1)]
+        write_progress(str(tmp_path / "runs" / run.name / "progress.csv"), rows)
+    drawn = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda figure, path, **_: drawn.append(figure))
+    monkeypatch.setattr(os, "replace", lambda *_: None)  # nothing was written to move into place
+    sweep.plot_curves(str(tmp_path / "curves.png"), runs, str(tmp_path), {"env": 40.0})
+    lines = drawn[0].axes[0].lines
+    columns = [line for line in lines if line.get_linestyle() == "-"]
+    assert len(columns) == 9 and [line.get_ydata()[0] for line in columns] == list(range(9))
+    (data,) = [line for line in lines if line.get_linestyle() == "--"]
+    assert to_hex(data.get_color()) == "#808080"
+    assert all(to_hex(line.get_color()) != "#7f7f7f" for line in columns), (
+        "a column drawn in the gray of the data's line"
+    )

@@ -30,6 +30,13 @@ METHODS = {
     "MOPO": ("mopo", ""),
     "MBPO": ("none", ""),
     "MOPO, the reference's SAC settings": ("mopo", "refsac"),  # h 20, seed 0 only: docs/learning.md
+    "MOPO, lr 1e-4 for actor and alpha": ("mopo", "lr1e-4"),  # h 20, seed 0 only
+}
+# the reference's columns: their files' names in reference/ (lambda 5 unless named)
+REFERENCES = {
+    "reference: OfflineRL-Kit MOPO": "offlinerl-kit-mopo",
+    "reference: OfflineRL-Kit MOPO, lambda 0.5": "offlinerl-kit-mopo-lambda0.5",  # its own walker2d-medium setting
+    "reference: OfflineRL-Kit, no penalty": "offlinerl-kit-mbpo",
 }
 
 
@@ -54,10 +61,12 @@ with tempfile.TemporaryDirectory() as sweep_dir:
                     shutil.copy(progress, progress_file(sweep_dir, run))
                     runs.append(run)
         # The reference writes 1-based epochs and "score"; drop.py 0-based epochs and "normalized_score".
-        reference_name = "-".join(filter(None, ("offlinerl-kit-mopo", horizon)))  # as the runs: no suffix at h 5
-        reference = os.path.join(REFERENCE, f"{env}__{reference_name}__seed0.csv")
-        if os.path.isfile(reference):
-            run = sweep.Run(panel, task, "mopo", 5.0, 0, 0, "reference: OfflineRL-Kit MOPO", "offlinerl-kit")
+        for column, stem in REFERENCES.items():
+            reference_name = "-".join(filter(None, (stem, horizon)))  # as the runs: no suffix at h 5
+            reference = os.path.join(REFERENCE, f"{env}__{reference_name}__seed0.csv")
+            if not os.path.isfile(reference):
+                continue
+            run = sweep.Run(panel, task, "mopo", 5.0, 0, 0, column, stem)
             with open(reference) as source:
                 rows = [
                     {"epoch": int(row["epoch"]) - 1, "normalized_score": row["score"]} for row in csv.DictReader(source)
